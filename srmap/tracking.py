@@ -1,0 +1,147 @@
+"""MLflow tracking: one run per pipeline stage, in one experiment.
+
+The default store is embedded: ``sqlite:///<project>/mlflow.db`` with artifacts
+under ``<project>/mlartifacts``. ``MLFLOW_TRACKING_URI`` overrides the store.
+An unreachable store never stops training: the tracker warns once and turns
+into a no-op, and the stage's CSV files still hold every metric.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+EXPERIMENT = "srmap"
+
+
+def default_tracking_uri(root: Path) -> str:
+    """The tracking URI: ``$MLFLOW_TRACKING_URI`` or the project's sqlite file."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts to dotted keys: {'a': {'b': 1}} -> {'a.b': 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def git_commit(root: Path) -> str:
+    """The HEAD commit of the repository at ``root``, or 'unknown' outside git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Tracker:
+    """A context manager around one MLflow run; every call is safe when the store is down.
+
+    ``Tracker(root, stage="pretrain", profile="demo", params=cfg)`` opens a run
+    tagged with the stage, profile and git commit, logs ``params`` flattened,
+    and exposes ``log_metrics``, ``log_artifact`` and ``set_tags``.
+    """
+
+    def __init__(self, root: Path, *, stage: str, profile: str, params: Mapping[str, Any] | None = None,
+                 tags: Mapping[str, str] | None = None, enabled: bool = True):
+        self.root = Path(root).resolve()
+        self.stage, self.profile = stage, profile
+        self.params = dict(params or {})
+        self.tags = dict(tags or {})
+        self.enabled = enabled
+        self.run_id: str | None = None
+        self._client = None
+
+    # -- lifecycle -----------------------------------------------------------------
+    def __enter__(self) -> "Tracker":
+        if not self.enabled:
+            return self
+        try:
+            self._start()
+        except Exception as exc:  # noqa: BLE001 - any store failure must not stop the stage
+            self._disable(f"could not start an MLflow run ({type(exc).__name__}: {exc})")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._client is None or self.run_id is None:
+            return
+        status = "FINISHED" if exc_type is None else "FAILED"
+        self._safe(self._client.set_terminated, self.run_id, status)
+
+    def _start(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        uri = default_tracking_uri(self.root)
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        if exp is None:
+            artifact_location = None
+            if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+                # The sqlite store would otherwise put artifacts under the current
+                # working directory; pin them to the project.
+                artifact_location = (self.root / "mlartifacts").as_uri()
+            exp_id = client.create_experiment(EXPERIMENT, artifact_location=artifact_location)
+        else:
+            exp_id = exp.experiment_id
+        tags = {"stage": self.stage, "profile": self.profile, "git_commit": git_commit(self.root),
+                "mlflow.runName": f"{self.profile}-{self.stage}", **self.tags}
+        run = client.create_run(exp_id, tags=tags)
+        self._client, self.run_id = client, run.info.run_id
+        from mlflow.entities import Param
+
+        flat = flatten(self.params)
+        batch = [Param(k, str(v)[:6000]) for k, v in sorted(flat.items())]
+        for i in range(0, len(batch), 100):
+            client.log_batch(self.run_id, params=batch[i:i + 100])
+
+    def _disable(self, why: str) -> None:
+        warnings.warn(f"MLflow tracking disabled for stage '{self.stage}': {why}; metrics stay in the CSV files",
+                      RuntimeWarning, stacklevel=3)
+        self._client, self.run_id = None, None
+
+    def _safe(self, fn, *args, **kwargs) -> None:
+        if self._client is None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - see class docstring
+            self._disable(f"{type(exc).__name__}: {exc}")
+
+    # -- logging -------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        """True while a run is open and the store answers."""
+        return self._client is not None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log finite float metrics at ``step``; non-finite values are skipped (MLflow rejects NaN in some stores)."""
+        if self._client is None:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        ms = [Metric(k, float(v), ts, int(step or 0)) for k, v in metrics.items()
+              if v is not None and math.isfinite(float(v))]
+        if ms:
+            self._safe(self._client.log_batch, self.run_id, metrics=ms)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Copy a file into the run's artifacts."""
+        self._safe(self._client.log_artifact if self._client else None, self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set string tags on the run."""
+        for k, v in tags.items():
+            self._safe(self._client.set_tag if self._client else None, self.run_id, k, str(v))
