@@ -1,0 +1,50 @@
+# SRMAP: `make demo` runs the pipeline on the embedded demo data, `make test` runs the tests.
+# Both set up .venv first (exact pins from requirements.lock) when needed.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+export PATH := $(VENV)/bin:$(PATH)
+MLFLOW_PORT ?= 5000
+
+.PHONY: setup demo test mlflow-ui lock bench clean-demo system-deps
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --no-input -q -r requirements.lock
+	$(PY) -m pip install --no-input -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+setup: $(VENV)/.installed
+
+# Debian packages some tests drive: Chromium renders the report page. (The SLURM
+# test installs slurm-wlm and munge itself through scripts/slurm-local.sh.)
+system-deps:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || echo "note: chromium not installed; the report-page test needs it"
+
+demo: setup
+	@grep -q '^profile: demo' params.yaml || { echo "params.yaml selects another profile; run 'srmap profile demo' first" >&2; exit 2; }
+	dvc repro
+	@echo
+	@echo "Report: $(CURDIR)/reports/demo/index.html   (table: reports/demo/table2.md)"
+	@echo "MLflow: make mlflow-ui   (store: $(CURDIR)/mlflow.db)"
+
+test: setup system-deps
+	$(PY) -m pytest -q
+
+mlflow-ui: setup
+	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+	  --default-artifact-root "$(CURDIR)/mlartifacts" --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# Re-resolve the pins (needs the package registry): a fresh venv, the direct
+# dependencies from pyproject.toml, then pip freeze.
+lock:
+	rm -rf /tmp/srmap-lock && $(PYTHON) -m venv /tmp/srmap-lock
+	/tmp/srmap-lock/bin/pip install -q -e ".[pipeline,test]"
+	{ echo "# Exact pins (pip freeze of pyproject.toml's dependencies + [pipeline,test]). Regenerate: make lock"; \
+	  /tmp/srmap-lock/bin/pip freeze --all --exclude-editable | grep -v -E "^(srmap|pip)=="; } > requirements.lock
+
+bench: setup
+	$(PY) benchmarks/bench_resize.py && $(PY) benchmarks/bench_data.py && $(PY) benchmarks/bench_model.py \
+	  && $(PY) benchmarks/bench_eval.py && $(PY) benchmarks/bench_upscale.py

@@ -1,0 +1,174 @@
+# SRMAP pipeline for Snakemake: the same six stages, scripts and paths as dvc.yaml
+# (tests/test_workflow.py fails if they drift apart).
+#   snakemake                    # one machine (profiles/default)
+#   snakemake --profile slurm    # a SLURM cluster (profiles/slurm; partition/account are set there)
+#   snakemake --config profile=paper
+# Per-stage resources (GPUs, CPUs, memory, runtime) come from params.yaml.
+
+configfile: "params.yaml"
+
+PROFILE = config["profile"]
+P = config[PROFILE]
+
+
+def res(stage, key):
+    return int(P[stage]["resources"][key])
+
+
+def launcher(stage):
+    """torchrun for multi-GPU training, plain python otherwise."""
+    gpus = res(stage, "gpus")
+    return f"torchrun --standalone --nproc_per_node={gpus}" if gpus > 1 else "python"
+
+
+def resources(stage):
+    r = dict(cpus_per_task=res(stage, "cpus"), mem_mb=res(stage, "mem_mb"), runtime=res(stage, "runtime"))
+    if res(stage, "gpus") > 0:
+        r["gpu"] = res(stage, "gpus")
+    return r
+
+
+# Each job records where it ran, so a cluster run can be audited per rule.
+RUN = 'echo "host=$(hostname) SLURM_JOB_ID=${{SLURM_JOB_ID:-none}}" > {log}; '
+
+
+rule all:
+    input:
+        f"reports/{PROFILE}",
+
+
+rule download:
+    input:
+        "pipeline/download.py",
+        "srmap/download.py",
+        "srmap/div2k.json",
+        "srmap/data.py",
+    output:
+        directory(f"data/{PROFILE}/hr"),
+    params:
+        tracked=[config["profile"], P["data"]],
+    log:
+        f"logs/{PROFILE}/download.log",
+    resources:
+        cpus_per_task=1, mem_mb=2000, runtime=240,
+    shell:
+        RUN + "python pipeline/download.py --profile " + PROFILE + " 2>&1 | tee -a {log}"
+
+
+rule degrade:
+    input:
+        "pipeline/degrade.py",
+        "srmap/degrade.py",
+        "srmap/data.py",
+        f"data/{PROFILE}/hr",
+    output:
+        directory(f"data/{PROFILE}/prepared"),
+    params:
+        tracked=[P["data"], P["pretrain"]["lr_patch"]],
+    log:
+        f"logs/{PROFILE}/degrade.log",
+    threads: int(P["data"]["workers"])
+    resources:
+        cpus_per_task=int(P["data"]["workers"]), mem_mb=8000, runtime=120,
+    shell:
+        RUN + "python pipeline/degrade.py --profile " + PROFILE + " 2>&1 | tee -a {log}"
+
+
+rule pretrain:
+    input:
+        "pipeline/pretrain.py",
+        "srmap/train.py",
+        "srmap/losses.py",
+        "srmap/nets.py",
+        "srmap/data.py",
+        "srmap/checkpoint.py",
+        f"data/{PROFILE}/prepared",
+    output:
+        f"models/{PROFILE}/pretrain/generator.pt",
+        f"models/{PROFILE}/pretrain/training_options.json",
+        f"models/{PROFILE}/pretrain/losses.csv",
+    params:
+        tracked=[P["model"]["generator"], P["pretrain"]],
+        launcher=launcher("pretrain"),
+    log:
+        f"logs/{PROFILE}/pretrain.log",
+    threads: res("pretrain", "cpus")
+    resources:
+        **resources("pretrain"),
+    shell:
+        RUN + "{params.launcher} pipeline/pretrain.py --profile " + PROFILE + " 2>&1 | tee -a {log}"
+
+
+rule train_gan:
+    input:
+        "pipeline/train_gan.py",
+        "srmap/train.py",
+        "srmap/losses.py",
+        "srmap/nets.py",
+        "srmap/data.py",
+        "srmap/degrade.py",
+        "srmap/checkpoint.py",
+        f"data/{PROFILE}/prepared",
+        f"models/{PROFILE}/pretrain/generator.pt",
+    output:
+        f"models/{PROFILE}/train_gan/generator.pt",
+        f"models/{PROFILE}/train_gan/training_options.json",
+        directory(f"models/{PROFILE}/train_gan/monitor"),
+        f"models/{PROFILE}/train_gan/losses.csv",
+    params:
+        tracked=[P["model"], P["train_gan"]],
+        launcher=launcher("train_gan"),
+    log:
+        f"logs/{PROFILE}/train_gan.log",
+    threads: res("train_gan", "cpus")
+    resources:
+        **resources("train_gan"),
+    shell:
+        RUN + "{params.launcher} pipeline/train_gan.py --profile " + PROFILE + " 2>&1 | tee -a {log}"
+
+
+rule evaluate:
+    input:
+        "pipeline/evaluate.py",
+        "srmap/evaluate.py",
+        "srmap/metrics.py",
+        "srmap/inference.py",
+        "srmap/degrade.py",
+        "srmap/nets.py",
+        f"data/{PROFILE}/prepared",
+        f"models/{PROFILE}/pretrain/generator.pt",
+        f"models/{PROFILE}/train_gan/generator.pt",
+    output:
+        directory(f"results/{PROFILE}/eval"),
+        f"results/{PROFILE}/metrics.json",
+    params:
+        tracked=[P["evaluate"]],
+    log:
+        f"logs/{PROFILE}/evaluate.log",
+    threads: res("evaluate", "cpus")
+    resources:
+        **resources("evaluate"),
+    shell:
+        RUN + "python pipeline/evaluate.py --profile " + PROFILE + " 2>&1 | tee -a {log}"
+
+
+rule report:
+    input:
+        "pipeline/report.py",
+        "srmap/report.py",
+        "reports/published.csv",
+        f"results/{PROFILE}/metrics.json",
+        f"results/{PROFILE}/eval",
+        f"data/{PROFILE}/prepared",
+        f"models/{PROFILE}/pretrain/losses.csv",
+        f"models/{PROFILE}/train_gan/losses.csv",
+    output:
+        directory(f"reports/{PROFILE}"),
+    params:
+        tracked=[P["report"]],
+    log:
+        f"logs/{PROFILE}/report.log",
+    resources:
+        cpus_per_task=1, mem_mb=4000, runtime=30,
+    shell:
+        RUN + "python pipeline/report.py --profile " + PROFILE + " 2>&1 | tee -a {log}"

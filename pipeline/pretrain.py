@@ -1,0 +1,37 @@
+"""Stage `pretrain`: L1 pretraining of the noise-injected generator.
+
+Reads params `<profile>.model.generator` and `<profile>.pretrain`; reads
+`data/<profile>/prepared/train`. Writes `models/<profile>/pretrain/`:
+generator.pt, checkpoint.pt (resume state, kept by DVC), losses.csv (DVC plot)
+and training_options.json. Runs under `torchrun` for several GPUs; resumes
+automatically from checkpoint.pt. Logs one MLflow run (rank 0 only).
+"""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from srmap.config import StageContext, stage_main  # noqa: E402
+
+
+def main(ctx: StageContext) -> None:
+    from srmap.nets import generator_config
+    from srmap.tracking import Tracker
+    from srmap.train import pretrain
+
+    section = ctx.params["pretrain"]
+    model = ctx.params["model"]["generator"]
+    kwargs = {k: v for k, v in section.items() if k != "resources"}
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with Tracker(ctx.root, stage="pretrain", profile=ctx.profile, enabled=rank0,
+                 params={"pretrain": section, "model": {"generator": model}}) as tracker:
+        out = pretrain(data_dir=ctx.paths.prepared / "train", out_dir=ctx.paths.pretrain,
+                       gen_cfg=generator_config(model), tracker=tracker, **kwargs)
+    if rank0:
+        print(f"pretrain: generator in {out}")
+
+
+if __name__ == "__main__":
+    stage_main("pretrain", main)

@@ -1,0 +1,178 @@
+"""Read and validate ``params.yaml``: the active profile, its sections, and the stage paths.
+
+Every problem is raised as :class:`ConfigError` with one line that names the
+file and the dotted key, so a stage fails with a message like
+``params.yaml: missing key 'demo.pretrain.lr' (a number)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+NUM = (int, float)
+RESOURCES = {"gpus": int, "cpus": int, "mem_mb": int, "runtime": int}
+_TRAIN_COMMON = {
+    "seed": int, "batch_size": int, "lr_patch": int, "betas": list, "epochs": int, "iters_per_epoch": int,
+    "milestones": list, "lr_gamma": NUM, "ckpt_every": int, "log_every": int, "workers": int,
+    "max_bad_steps": int, "amp": bool, "channels_last": bool, "compile": bool, "resources": RESOURCES,
+}
+# Expected keys (and types) of each profile section. Nested dicts are sub-schemas.
+SCHEMA: dict[str, Any] = {
+    "data": {"source": str, "train": list, "valid": list, "scale": int, "max_pixels": int, "workers": int},
+    "model": {
+        "generator": {"stem_width": int, "feature_widths": list, "stages": int, "blocks_per_stage": int,
+                      "compression": int, "kernel_size": int, "noise_init": NUM},
+        "critic": {"in_size": int, "widths": list, "blocks_per_stage": int, "compression": int,
+                   "kernel_size": int, "fc_widths": list},
+    },
+    "pretrain": {**_TRAIN_COMMON, "lr": NUM},
+    "train_gan": {**_TRAIN_COMMON, "lr_g": NUM, "lr_d": NUM, "alpha": NUM, "r1_gamma": NUM, "adv_loss": str,
+                  "image_every": int},
+    "evaluate": {"samples": int, "noise_scale": NUM, "crop_border": int, "lpips_pretrained": bool, "tile": int,
+                 "tile_pad": int, "resources": RESOURCES},
+    "report": {"crop_size": int, "seed": int},
+}
+CHOICES = {"data.source": ("skimage", "div2k"), "train_gan.adv_loss": ("softplus", "hinge")}
+STAGES = ("download", "degrade", "pretrain", "train_gan", "evaluate", "report")
+
+
+class ConfigError(ValueError):
+    """A problem in params.yaml, with a one-line message naming the key."""
+
+
+def _type_name(t: Any) -> str:
+    if isinstance(t, dict):
+        return "a mapping"
+    if t is NUM:
+        return "a number"
+    return {int: "an integer", bool: "true/false", str: "a string", list: "a list"}[t]
+
+
+def _check(node: Any, schema: Mapping[str, Any], where: str, fname: str) -> None:
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"{fname}: key '{where}' must be a mapping, got {type(node).__name__}")
+    for key, t in schema.items():
+        dotted = f"{where}.{key}"
+        if key not in node:
+            raise ConfigError(f"{fname}: missing key '{dotted}' ({_type_name(t)})")
+        value = node[key]
+        if isinstance(t, dict):
+            _check(value, t, dotted, fname)
+            continue
+        # bool is an int subclass: keep true/false out of numeric keys and vice versa
+        ok = isinstance(value, t) and not (t is not bool and isinstance(value, bool))
+        if t is NUM:
+            ok = isinstance(value, NUM) and not isinstance(value, bool)
+        if not ok:
+            raise ConfigError(f"{fname}: key '{dotted}' must be {_type_name(t)}, got {value!r}")
+    for key in node:
+        if key not in schema:
+            raise ConfigError(f"{fname}: unknown key '{where}.{key}' (expected one of: {', '.join(schema)})")
+
+
+def load_params(path: str | Path, profile: str | None = None) -> tuple[str, dict]:
+    """Load ``path`` and return ``(profile_name, profile_section)`` after validating it.
+
+    ``profile`` overrides the file's top-level ``profile`` key. Raises ConfigError.
+    """
+    import yaml
+
+    path = Path(path)
+    fname = path.name
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found (expected the pipeline's params.yaml)")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{fname}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{fname}: expected a mapping at the top level, got {type(doc).__name__}")
+    if "profile" not in doc:
+        raise ConfigError(f"{fname}: missing key 'profile' (the active profile's name)")
+    name = profile or doc["profile"]
+    profiles = [k for k, v in doc.items() if k != "profile" and isinstance(v, dict)]
+    if not isinstance(name, str) or name not in profiles:
+        raise ConfigError(f"{fname}: unknown profile {name!r} (expected one of: {', '.join(profiles)})")
+    section = doc[name]
+    _check(section, SCHEMA, name, fname)
+    for dotted, allowed in CHOICES.items():
+        sec, key = dotted.split(".")
+        if section[sec][key] not in allowed:
+            raise ConfigError(f"{fname}: key '{name}.{dotted}' must be one of {allowed}, got {section[sec][key]!r}")
+    return name, section
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every stage input/output of one profile, absolute. dvc.yaml and the Snakefile spell the same paths."""
+
+    root: Path
+    profile: str
+
+    def _p(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    @property
+    def hr(self) -> Path:  # download -> HR PNGs, hr/train and hr/valid
+        return self._p("data", self.profile, "hr")
+
+    @property
+    def prepared(self) -> Path:  # degrade -> train/{hr,lr}/*.npy, valid/{hr,lr}/*.png
+        return self._p("data", self.profile, "prepared")
+
+    @property
+    def pretrain(self) -> Path:
+        return self._p("models", self.profile, "pretrain")
+
+    @property
+    def train_gan(self) -> Path:
+        return self._p("models", self.profile, "train_gan")
+
+    @property
+    def results(self) -> Path:  # evaluate -> eval/ (SR images, per-image CSVs) and metrics.json
+        return self._p("results", self.profile)
+
+    @property
+    def report(self) -> Path:
+        return self._p("reports", self.profile)
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage script needs: the root, the profile name, its validated params, its paths."""
+
+    root: Path
+    profile: str
+    params: dict
+    paths: Paths
+
+
+def stage_main(stage: str, body: Callable[[StageContext], None], argv: list[str] | None = None) -> None:
+    """Run a pipeline stage script: parse ``--profile``/``--params``, validate, call ``body``.
+
+    Any ConfigError, ValueError, FileNotFoundError or RuntimeError becomes one
+    ``srmap <stage>: error: ...`` line on stderr and exit status 2 (set SRMAP_DEBUG=1
+    for the traceback).
+    """
+    from srmap.utils import project_root
+
+    root = project_root()
+    ap = argparse.ArgumentParser(prog=f"pipeline/{stage}.py", description=f"SRMAP pipeline stage '{stage}'.")
+    ap.add_argument("--profile", help="profile in params.yaml (default: its 'profile' key)")
+    ap.add_argument("--params", type=Path, default=root / "params.yaml", help="parameters file")
+    args = ap.parse_args(argv)
+    try:
+        profile, params = load_params(args.params, args.profile)
+        body(StageContext(root=root, profile=profile, params=params, paths=Paths(root, profile)))
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        if os.environ.get("SRMAP_DEBUG"):
+            raise
+        print(f"srmap {stage}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
