@@ -1,0 +1,108 @@
+"""Loss functions: values against hand-computed formulas, gradient directions, input checks."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from srmap.degrade import imresize
+from srmap.losses import critic_adv_loss, fidelity_loss, generator_adv_loss, l1_loss, r1_penalty
+
+
+def test_l1_is_mean_absolute_error():
+    sr = torch.tensor([[[[0.0, 0.5], [1.0, 0.25]]]])
+    hr = torch.tensor([[[[0.5, 0.5], [0.0, 0.0]]]])
+    assert l1_loss(sr, hr).item() == pytest.approx((0.5 + 0 + 1 + 0.25) / 4)
+    with pytest.raises(ValueError, match="shape"):
+        l1_loss(sr, hr[..., :1])
+
+
+def test_fidelity_is_zero_for_a_consistent_sr_and_grows_otherwise():
+    torch.manual_seed(0)
+    hr = torch.rand(2, 3, 32, 32)
+    lr = imresize(hr, 0.25)
+    assert fidelity_loss(lr, hr).item() < 1e-6
+    shifted = fidelity_loss(lr, hr + 0.1)  # bicubic weights sum to one: the LR shifts by 0.1 too
+    assert shifted.item() == pytest.approx(0.1, abs=1e-5)
+    sr = hr.clone().requires_grad_(True)
+    fidelity_loss(lr, sr + 0.05).backward()
+    assert sr.grad is not None and sr.grad.abs().sum() > 0
+
+
+def test_fidelity_checks_the_scale():
+    with pytest.raises(ValueError, match="4x"):
+        fidelity_loss(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 16, 16))
+
+
+def test_fidelity_upcasts_bf16_input():
+    hr = torch.rand(1, 3, 16, 16)
+    out = fidelity_loss(imresize(hr, 0.25), hr.to(torch.bfloat16))
+    assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["softplus", "hinge"])
+def test_adversarial_losses_match_their_formulas(kind):
+    c_fake = torch.tensor([0.3, -1.2, 2.0])
+    c_real = torch.tensor([1.0, 0.5, -0.7])
+    if kind == "softplus":
+        want_g = [math.log1p(math.exp(r - f)) for f, r in zip(c_fake.tolist(), c_real.tolist())]
+        want_c = [math.log1p(math.exp(f - r)) for f, r in zip(c_fake.tolist(), c_real.tolist())]
+    else:
+        want_g = [max(0.0, 1 + r - f) for f, r in zip(c_fake.tolist(), c_real.tolist())]
+        want_c = [max(0.0, 1 + f - r) for f, r in zip(c_fake.tolist(), c_real.tolist())]
+    assert generator_adv_loss(c_fake, c_real, kind).item() == pytest.approx(sum(want_g) / 3, rel=1e-6)
+    assert critic_adv_loss(c_real, c_fake, kind).item() == pytest.approx(sum(want_c) / 3, rel=1e-6)
+
+
+def test_adversarial_gradients_point_the_right_way():
+    c_fake = torch.zeros(4, requires_grad=True)
+    c_real = torch.zeros(4, requires_grad=True)
+    generator_adv_loss(c_fake, c_real).backward()
+    assert (c_fake.grad < 0).all()  # G lowers its loss by raising the fakes' scores
+    c_fake.grad = c_real.grad = None
+    critic_adv_loss(c_real, c_fake).backward()
+    assert (c_real.grad < 0).all() and (c_fake.grad > 0).all()  # C separates reals above fakes
+
+
+def test_adversarial_losses_pair_sample_by_sample():
+    # Relativistic pairing: swapping the pairing changes the loss, a mean-vs-mean loss would not.
+    c_fake = torch.tensor([3.0, -3.0])
+    c_real = torch.tensor([3.0, -3.0])
+    paired = generator_adv_loss(c_fake, c_real)
+    crossed = generator_adv_loss(c_fake, c_real.flip(0))
+    assert paired.item() == pytest.approx(math.log(2))
+    assert crossed.item() > paired.item() + 1
+
+
+def test_adversarial_input_checks():
+    with pytest.raises(ValueError, match="not one of"):
+        generator_adv_loss(torch.zeros(2), torch.zeros(2), "wgan")
+    with pytest.raises(ValueError, match="shape"):
+        critic_adv_loss(torch.zeros(2), torch.zeros(3))
+
+
+def test_r1_of_a_linear_critic_is_the_weight_norm_and_is_differentiable():
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, 4, requires_grad=True)
+    x = torch.rand(5, 3, 4, 4, requires_grad=True)
+    scores = (x * w).flatten(1).sum(1)  # grad_x C(x) = w for every sample
+    r1 = r1_penalty(scores, x)
+    assert r1.item() == pytest.approx(w.detach().square().sum().item(), rel=1e-5)
+    r1.backward()  # double backward reaches the critic's parameters: d||w||^2/dw = 2w
+    assert torch.allclose(w.grad, 2 * w.detach(), atol=1e-5)
+
+
+def test_r1_of_a_conv_critic_matches_autograd_per_sample():
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(3, 2, 3)
+    x = torch.rand(3, 3, 8, 8, requires_grad=True)
+    scores = F.leaky_relu(conv(x), 0.2).mean((1, 2, 3))
+    want = sum(torch.autograd.grad(scores[i], x, retain_graph=True)[0][i].square().sum() for i in range(3)) / 3
+    assert r1_penalty(scores, x).item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_r1_needs_an_input_that_requires_grad():
+    x = torch.rand(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="requires_grad"):
+        r1_penalty(x.flatten(1).sum(1), x)
