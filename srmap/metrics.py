@@ -1,0 +1,338 @@
+"""Image-quality metrics: the NTIRE 2021 "Learning the SR space" protocol plus BasicSR PSNR/SSIM.
+
+Conventions follow the two reference implementations so that numbers can be
+put next to published ones:
+
+* NTIRE 2021 ``measure.py`` (andreas128/NTIRE21_Learning_SR_Space): the GT is
+  cropped top-left to a multiple of 8 and every SR sample to the GT size;
+  LPIPS 0.1.4 (AlexNet trunk, v0.1 linear layers, ``spatial=True``) on RGB in
+  [-1, 1]; LR-PSNR = PSNR(imresize(SR, 1/4), imresize(GT, 1/4)) on uint8 RGB,
+  peak 255, no border shave, MATLAB bicubic with half-to-even rounding back to
+  uint8; diversity = (global best - local best) / global best * 100.
+* BasicSR ``calculate_psnr`` / ``calculate_ssim``: ``crop_border`` pixels shaved
+  on every side, float64 arithmetic, Y channel = BT.601 luma in [16, 235]
+  (BasicSR's ``rgb2ycbcr``; our images are RGB, BasicSR's are BGR), SSIM with
+  an 11x11 Gaussian window (sigma 1.5), valid region only, averaged over
+  channels.
+
+PSNR of two identical images is ``math.inf`` (as in BasicSR and in
+scikit-image's ``peak_signal_noise_ratio`` that the NTIRE script calls); it is
+returned explicitly, never through a division-by-zero warning, and it is not
+capped: a mean over samples that contains an identical one is ``inf`` too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+# torchvision's ImageNet AlexNet, the trunk LPIPS 0.1.4 loads for net='alex'.
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+ALEXNET_URL = f"https://download.pytorch.org/models/{ALEXNET_FILE}"
+# Fixed seed for the untrained (offline demo) backbone, so its numbers at least repeat run to run.
+UNTRAINED_BACKBONE_SEED = 0
+BACKBONE_PRETRAINED = "alexnet"
+BACKBONE_UNTRAINED = "untrained (not comparable)"
+
+
+def _check_uint8_rgb(name: str, img: np.ndarray) -> None:
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        desc = f"{img.dtype} array of shape {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+        raise ValueError(f"{name}: expected a uint8 HxWx3 RGB array, got {desc}")
+
+
+def _check_same_shape(a: np.ndarray, b: np.ndarray) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"images must have the same shape, got {a.shape} and {b.shape}")
+
+
+def ntire_crop(gt: np.ndarray, sr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Crop as NTIRE 2021 ``measure.py`` does; returns ``(gt, sr)`` views of equal shape.
+
+    Takes HxW(xC) arrays. The GT is cropped top-left to a multiple of 8 in
+    height and width; the SR to that size. An SR smaller than the cropped GT
+    raises ValueError (the official script would silently compare misaligned
+    sizes and fail later inside LPIPS).
+    """
+    h, w = gt.shape[0] // 8 * 8, gt.shape[1] // 8 * 8
+    if h == 0 or w == 0:
+        raise ValueError(f"GT of shape {gt.shape} is smaller than 8x8; NTIRE crops it to a multiple of 8")
+    if sr.shape[0] < h or sr.shape[1] < w:
+        raise ValueError(f"SR of shape {sr.shape} is smaller than the GT cropped to a multiple of 8 ({h}x{w})")
+    return gt[:h, :w], sr[:h, :w]
+
+
+def _shave(img: np.ndarray, crop_border: int) -> np.ndarray:
+    if crop_border < 0:
+        raise ValueError(f"crop_border must be >= 0, got {crop_border}")
+    if crop_border == 0:
+        return img
+    if img.shape[0] <= 2 * crop_border or img.shape[1] <= 2 * crop_border:
+        raise ValueError(f"image of shape {img.shape} is too small for crop_border={crop_border}")
+    return img[crop_border:-crop_border, crop_border:-crop_border]
+
+
+def y_channel(img: np.ndarray) -> np.ndarray:
+    """BT.601 luma exactly as BasicSR's ``to_y_channel`` (for RGB input): float32 HxWx1 in [16, 235].
+
+    Takes a uint8 (or float in [0, 255]) HxWx3 RGB array. The float32
+    intermediate steps match BasicSR bit for bit, so Y-PSNR agrees with it to
+    the last digit.
+    """
+    x = img.astype(np.float32) / np.float32(255.0)
+    y = np.dot(x, [65.481, 128.553, 24.966]) + 16.0  # float64, as in BasicSR's rgb2ycbcr
+    y = (y / 255.0).astype(np.float32)
+    return (y * np.float32(255.0))[..., None]
+
+
+def _prepare(a: np.ndarray, b: np.ndarray, crop_border: int, y_only: bool) -> tuple[np.ndarray, np.ndarray]:
+    _check_same_shape(a, b)
+    a, b = _shave(a, crop_border), _shave(b, crop_border)
+    if y_only:
+        if a.ndim != 3 or a.shape[2] != 3:
+            raise ValueError(f"y_channel=True needs HxWx3 RGB images, got shape {a.shape}")
+        a, b = y_channel(a), y_channel(b)
+    return a.astype(np.float64), b.astype(np.float64)
+
+
+def _psnr_from_mse(mse: float, data_range: float) -> float:
+    if mse == 0:
+        return math.inf
+    return float(10.0 * np.log10(data_range * data_range / mse))
+
+
+def psnr(a: np.ndarray, b: np.ndarray, *, crop_border: int = 0, y_channel: bool = False,
+         data_range: float = 255.0) -> float:
+    """PSNR in dB between two images of equal shape (uint8 HxWx3 RGB, or HxW), BasicSR conventions.
+
+    ``crop_border`` pixels are shaved from every side; ``y_channel`` compares
+    BT.601 luma (16-235). Identical images give ``math.inf``.
+    """
+    x, y = _prepare(a, b, crop_border, y_channel)
+    return _psnr_from_mse(float(np.mean((x - y) ** 2)), data_range)
+
+
+def _gaussian_window() -> np.ndarray:
+    # cv2.getGaussianKernel(11, 1.5): normalised exp(-(i-5)^2 / (2*1.5^2)).
+    i = np.arange(11, dtype=np.float64) - 5.0
+    k = np.exp(-(i * i) / (2.0 * 1.5 * 1.5))
+    return k / k.sum()
+
+
+def _blur_valid(x: np.ndarray) -> np.ndarray:
+    """Separable 11x11 Gaussian filter of a float64 HxW array, valid region only ((H-10)x(W-10))."""
+    from scipy.ndimage import correlate1d
+
+    k = _gaussian_window()
+    # Valid region first along rows then columns keeps the work proportional to the output.
+    x = correlate1d(x, k, axis=0, mode="constant")[5:-5]
+    return correlate1d(x, k, axis=1, mode="constant")[:, 5:-5]
+
+
+class _SSIMReference:
+    """Per-channel local statistics of a reference image, reused across many SSIM comparisons."""
+
+    C1 = (0.01 * 255) ** 2
+    C2 = (0.03 * 255) ** 2
+
+    def __init__(self, ref: np.ndarray):
+        # ref: float64 HxWxC in [0, 255]
+        if ref.shape[0] < 11 or ref.shape[1] < 11:
+            raise ValueError(f"SSIM needs images of at least 11x11 after cropping, got {ref.shape[:2]}")
+        self.ref = ref
+        self.mu = [_blur_valid(ref[..., c]) for c in range(ref.shape[2])]
+        self.sq = [_blur_valid(ref[..., c] ** 2) for c in range(ref.shape[2])]
+
+    def score(self, img: np.ndarray) -> float:
+        """Mean over channels of the mean SSIM map of ``img`` (float64 HxWxC, same shape) against the reference."""
+        vals = []
+        for c in range(img.shape[2]):
+            x, r = img[..., c], self.ref[..., c]
+            mu1, mu2 = _blur_valid(x), self.mu[c]
+            mu1_sq, mu2_sq, mu12 = mu1 ** 2, mu2 ** 2, mu1 * mu2
+            s1 = _blur_valid(x ** 2) - mu1_sq
+            s2 = self.sq[c] - mu2_sq
+            s12 = _blur_valid(x * r) - mu12
+            ssim_map = ((2 * mu12 + self.C1) * (2 * s12 + self.C2)) / ((mu1_sq + mu2_sq + self.C1) * (s1 + s2 + self.C2))
+            vals.append(ssim_map.mean())
+        return float(np.mean(vals))
+
+
+def ssim(a: np.ndarray, b: np.ndarray, *, crop_border: int = 0, y_channel: bool = False) -> float:
+    """SSIM of ``a`` against ``b`` (uint8 HxWx3 RGB, equal shape), BasicSR's ``calculate_ssim``; in [-1, 1].
+
+    Gaussian window 11x11 with sigma 1.5, constants for peak 255, valid
+    region only, mean over channels (or the Y channel alone).
+    """
+    x, y = _prepare(a, b, crop_border, y_channel)
+    if x.ndim == 2:
+        x, y = x[..., None], y[..., None]
+    return _SSIMReference(y).score(x)
+
+
+def _downscale(img: np.ndarray, scale: int) -> np.ndarray:
+    from srmap.degrade import imresize
+
+    return imresize(img, 1.0 / scale, rounding="half_even")
+
+
+def lr_psnr(sr: np.ndarray, gt: np.ndarray, *, scale: int = 4) -> float:
+    """NTIRE 2021 LR-PSNR in dB: PSNR(imresize(sr, 1/scale), imresize(gt, 1/scale)).
+
+    Takes uint8 HxWx3 RGB arrays of equal shape (apply ``ntire_crop`` first).
+    MATLAB bicubic with half-to-even rounding back to uint8, peak 255, no
+    border shave. A perfectly consistent SR gives ``math.inf`` (not capped).
+    """
+    _check_uint8_rgb("sr", sr)
+    _check_uint8_rgb("gt", gt)
+    _check_same_shape(sr, gt)
+    return lr_psnr_to(sr, _downscale(gt, scale), scale=scale)
+
+
+def lr_psnr_to(sr: np.ndarray, gt_lr: np.ndarray, *, scale: int = 4) -> float:
+    """LR-PSNR against a GT that was already downscaled with ``imresize(gt, 1/scale, rounding='half_even')``.
+
+    Lets a caller scoring many samples of one image downscale the GT once.
+    ``sr`` uint8 HxWx3, ``gt_lr`` uint8 hxwx3; returns dB or ``math.inf``.
+    """
+    sr_lr = _downscale(sr, scale)
+    _check_same_shape(sr_lr, gt_lr)
+    diff = sr_lr.astype(np.float64) - gt_lr.astype(np.float64)
+    return _psnr_from_mse(float(np.mean(diff * diff)), 255.0)
+
+
+def _alexnet_weights_path() -> Path:
+    import torch
+
+    # torch.hub.get_dir() honours $TORCH_HOME at call time, which is where torchvision looks.
+    return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
+
+
+@contextlib.contextmanager
+def _quiet_torchvision_legacy_args():
+    # lpips 0.1.4 calls tv.alexnet(pretrained=...), deprecated since torchvision 0.13; the call is still correct.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The parameter 'pretrained' is deprecated", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Arguments other than a weight enum", category=UserWarning)
+        yield
+
+
+class LPIPS:
+    """LPIPS 0.1.4 (AlexNet trunk, v0.1 linear layers, spatial maps) as the NTIRE 2021 script uses it.
+
+    ``pretrained=True`` needs torchvision's ImageNet AlexNet weights already
+    in the torch hub cache and never downloads. ``pretrained=False`` uses a
+    randomly initialised (seeded) trunk with the real LPIPS linear layers,
+    for offline demos: its numbers are not comparable with any published one.
+    """
+
+    def __init__(self, *, pretrained: bool = True, device: str = "cpu", batch_size: int = 2):
+        import torch
+
+        if batch_size < 1:
+            raise ValueError(f"LPIPS batch_size must be >= 1, got {batch_size}")
+        if pretrained:
+            weights = _alexnet_weights_path()
+            if not weights.is_file():
+                raise FileNotFoundError(
+                    f"LPIPS needs torchvision's AlexNet weights at {weights} (not found, and this code never downloads): "
+                    f"fetch {ALEXNET_URL} into {weights.parent} (or set TORCH_HOME to a folder holding "
+                    f"hub/checkpoints/{ALEXNET_FILE}), or use pretrained=False for numbers that are not comparable")
+        import lpips
+
+        with _quiet_torchvision_legacy_args(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(UNTRAINED_BACKBONE_SEED)
+            # pnet_rand=True keeps torchvision away from the network; the linear layers still load from the package.
+            model = lpips.LPIPS(net="alex", version="0.1", spatial=True, pretrained=True, pnet_rand=not pretrained,
+                                verbose=False)
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.device = device
+        self.batch_size = batch_size
+        self.pretrained = pretrained
+        self.backbone = BACKBONE_PRETRAINED if pretrained else BACKBONE_UNTRAINED
+
+    def _to_input(self, imgs: Sequence[np.ndarray]) -> "torch.Tensor":
+        import torch
+
+        x = torch.from_numpy(np.stack(imgs)).to(self.device).permute(0, 3, 1, 2).float()
+        # Same float32 steps as the NTIRE script: /255 then 2x-1.
+        return 2 * (x / 255) - 1
+
+    def _features(self, x: "torch.Tensor") -> list:
+        import lpips
+
+        return [lpips.normalize_tensor(f) for f in self.model.net(self.model.scaling_layer(x))]
+
+    def spatial_maps(self, gt_uint8: np.ndarray, samples_uint8: Sequence[np.ndarray]) -> "torch.Tensor":
+        """Per-pixel LPIPS of each sample against the GT: float32 CPU tensor (S, H, W), values >= 0.
+
+        Takes uint8 HxWx3 RGB arrays of one shape (apply ``ntire_crop``).
+        Equal to LPIPS(spatial=True)(sample, gt) per sample, but the GT's
+        features are computed once and samples go through in batches. A
+        sample identical to the GT gets an all-zero map, as the per-sample
+        call gives; batched convolutions would otherwise leave ~1e-13.
+        """
+        import lpips
+        import torch
+
+        _check_uint8_rgb("gt", gt_uint8)
+        if len(samples_uint8) == 0:
+            raise ValueError("spatial_maps needs at least one sample")
+        for k, s in enumerate(samples_uint8):
+            _check_uint8_rgb(f"sample {k}", s)
+            _check_same_shape(s, gt_uint8)
+        hw = gt_uint8.shape[:2]
+        maps = []
+        with torch.no_grad():
+            ref = self._features(self._to_input([gt_uint8]))
+            for start in range(0, len(samples_uint8), self.batch_size):
+                feats = self._features(self._to_input(samples_uint8[start:start + self.batch_size]))
+                total = 0
+                for lin, f, r in zip(self.model.lins, feats, ref):
+                    total = total + lpips.upsample(lin((f - r) ** 2), out_HW=hw)  # (B,1,H,W)
+                maps.append(total[:, 0].float().cpu())
+        out = torch.cat(maps)
+        for k, s in enumerate(samples_uint8):
+            if np.array_equal(s, gt_uint8):
+                out[k] = 0
+        return out
+
+
+def diversity_score(maps) -> float:
+    """NTIRE 2021 diversity in percent from spatial LPIPS maps (S, H, W) (tensor or array, values >= 0).
+
+    global_best = min over samples of the mean map; local_best = mean over
+    pixels of the per-pixel min over samples; returns
+    (global_best - local_best) / global_best * 100. One sample (a
+    deterministic method) gives 0.0; so does global_best == 0, where every map
+    is all zeros and 0/0 would otherwise be NaN. Means are taken in float64.
+    """
+    arr = maps.detach().cpu().numpy() if hasattr(maps, "detach") else np.asarray(maps)
+    if arr.ndim != 3 or arr.shape[0] == 0:
+        raise ValueError(f"diversity_score expects maps of shape (S, H, W) with S >= 1, got {arr.shape}")
+    if arr.shape[0] == 1:
+        return 0.0
+    arr = arr.astype(np.float64)
+    global_best = float(arr.mean(axis=(1, 2)).min())
+    local_best = float(arr.min(axis=0).mean())
+    if global_best == 0.0:
+        return 0.0
+    return (global_best - local_best) / global_best * 100.0
+
+
+def lpips_of_maps(maps) -> list[float]:
+    """Each sample's LPIPS (the mean of its spatial map, float64) from maps (S, H, W)."""
+    arr = maps.detach().cpu().numpy() if hasattr(maps, "detach") else np.asarray(maps)
+    return [float(v) for v in arr.astype(np.float64).mean(axis=(1, 2))]
+
+
+__all__ = ["ntire_crop", "psnr", "ssim", "y_channel", "lr_psnr", "lr_psnr_to", "LPIPS", "diversity_score",
+           "lpips_of_maps", "ALEXNET_FILE", "ALEXNET_URL"]

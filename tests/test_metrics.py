@@ -1,0 +1,175 @@
+"""NTIRE 2021 / BasicSR metrics: hand-checkable values, reference agreement, LPIPS loading paths."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from srmap import metrics
+from srmap.metrics import LPIPS, diversity_score, lr_psnr, ntire_crop, psnr, ssim
+
+
+def _rand(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# --- crop rules ----------------------------------------------------------------
+
+
+def test_ntire_crop_gt_to_multiple_of_8_and_sr_to_gt():
+    gt, sr = _rand(37, 50, 1), _rand(44, 53, 2)
+    g, s = ntire_crop(gt, sr)
+    assert g.shape == (32, 48, 3) and s.shape == (32, 48, 3)
+    np.testing.assert_array_equal(g, gt[:32, :48])  # top-left crop
+    np.testing.assert_array_equal(s, sr[:32, :48])
+
+
+def test_ntire_crop_accepts_sr_smaller_than_gt_but_not_than_its_crop():
+    gt = _rand(37, 50)
+    ntire_crop(gt, _rand(32, 48))  # the GT is cropped to 32x48 first
+    with pytest.raises(ValueError, match="smaller than the GT cropped"):
+        ntire_crop(gt, _rand(31, 48))
+    with pytest.raises(ValueError, match="smaller than 8x8"):
+        ntire_crop(_rand(7, 40), _rand(7, 40))
+
+
+# --- PSNR / SSIM -------------------------------------------------------------------
+
+
+def test_psnr_by_hand_and_identical_is_inf():
+    a = np.zeros((8, 8, 3), np.uint8)
+    b = a.copy()
+    b[3, 3, 0] = 255  # mse = 255^2 / 192
+    assert psnr(a, b) == pytest.approx(10 * math.log10(192))
+    assert psnr(a, a) == math.inf
+    b2 = a.copy()
+    b2[0, 0] = 200  # only inside the shaved border
+    assert psnr(a, b2, crop_border=1) == math.inf
+    assert psnr(a, b2) < math.inf
+
+
+def test_psnr_matches_skimage_and_y_channel_range():
+    from skimage.metrics import peak_signal_noise_ratio
+
+    a, b = _rand(40, 36, 3), _rand(40, 36, 4)
+    assert psnr(a, b) == pytest.approx(peak_signal_noise_ratio(a, b), abs=1e-10)
+    white, black = np.full((2, 2, 3), 255, np.uint8), np.zeros((2, 2, 3), np.uint8)
+    assert metrics.y_channel(white)[0, 0, 0] == pytest.approx(235.0, abs=1e-3)
+    assert metrics.y_channel(black)[0, 0, 0] == pytest.approx(16.0, abs=1e-4)
+    # Y-PSNR of a pure-red error: luma weight of R is 65.481/255 per unit of R.
+    c = black.copy()
+    c[..., 0] = 255
+    assert psnr(black, c, y_channel=True) == pytest.approx(20 * math.log10(255 / 65.481), abs=1e-4)
+
+
+def test_ssim_matches_skimage_gaussian_basicsr_settings():
+    from skimage.metrics import structural_similarity
+
+    a = _rand(48, 40, 5)
+    b = np.clip(a.astype(int) + np.random.default_rng(6).integers(-40, 40, a.shape), 0, 255).astype(np.uint8)
+    ref = structural_similarity(a, b, channel_axis=2, gaussian_weights=True, sigma=1.5,
+                                use_sample_covariance=False, data_range=255)
+    assert ssim(a, b) == pytest.approx(ref, abs=1e-6)
+    assert ssim(a, a) == pytest.approx(1.0)
+    assert ssim(a, b, crop_border=4) != pytest.approx(ssim(a, b), abs=1e-6)
+    with pytest.raises(ValueError, match="same shape"):
+        ssim(a, b[:-1])
+
+
+# --- diversity -------------------------------------------------------------------------
+
+
+def test_diversity_two_samples_best_on_different_halves():
+    a = np.zeros((4, 8), np.float32)
+    a[:, :4], a[:, 4:] = 0.2, 0.6  # sample A best on the left half
+    b = a[:, ::-1].copy()  # sample B best on the right half
+    # global best = min(mean A, mean B) = 0.4; local best = mean(min) = 0.2 -> (0.4-0.2)/0.4*100
+    assert diversity_score(np.stack([a, b])) == pytest.approx(50.0)
+    assert diversity_score(torch.from_numpy(np.stack([a, b]))) == pytest.approx(50.0)
+
+
+def test_diversity_deterministic_and_degenerate_cases():
+    m = np.random.default_rng(0).random((1, 5, 5))
+    assert diversity_score(m) == 0.0
+    assert diversity_score(np.concatenate([m, m, m])) == 0.0  # identical samples
+    assert diversity_score(np.zeros((3, 4, 4))) == 0.0  # perfect everywhere: 0, not NaN
+    with pytest.raises(ValueError, match=r"\(S, H, W\)"):
+        diversity_score(np.zeros((4, 4)))
+
+
+# --- LR-PSNR (needs srmap.degrade.imresize) ----------------------------------------------
+
+
+def test_lr_psnr_constant_images_by_hand_and_identical_inf():
+    gt = np.full((32, 32, 3), 100, np.uint8)
+    sr = np.full((32, 32, 3), 110, np.uint8)
+    # bicubic weights sum to 1, so constants survive the downscale: mse = 10^2
+    assert lr_psnr(sr, gt) == pytest.approx(10 * math.log10(255**2 / 100))
+    assert lr_psnr(gt, gt) == math.inf
+    img = _rand(32, 32, 9)
+    assert lr_psnr(img, img) == math.inf
+
+
+# --- LPIPS ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    return LPIPS(pretrained=False)
+
+
+def test_lpips_identical_is_zero_and_matches_per_sample_official_call(untrained):
+    gt = _rand(64, 72, 10)
+    samples = [_rand(64, 72, 11), gt.copy(), _rand(64, 72, 12)]
+    maps = untrained.spatial_maps(gt, samples)
+    assert maps.shape == (3, 64, 72)
+    assert float(maps[1].abs().max()) == 0.0
+    assert float(maps[0].mean()) > 0
+
+    def t(a):  # the NTIRE script's conversion
+        return torch.Tensor(np.expand_dims(a.transpose([2, 0, 1]), axis=0).astype(np.float32)) / 255
+
+    for k, s in enumerate(samples):
+        official = untrained.model(2 * t(s) - 1, 2 * t(gt) - 1)  # (1,1,H,W), spatial=True
+        torch.testing.assert_close(maps[k], official[0, 0].detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_untrained_backbone_is_seeded_and_marked(untrained):
+    other = LPIPS(pretrained=False)
+    for p, q in zip(untrained.model.parameters(), other.model.parameters()):
+        assert torch.equal(p, q)
+    assert untrained.backbone == metrics.BACKBONE_UNTRAINED
+
+
+def test_pretrained_loads_alexnet_from_torch_home_without_network(tmp_path, monkeypatch):
+    import torchvision
+
+    def no_download(*a, **k):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as err:
+        LPIPS(pretrained=True)
+    msg = str(err.value)
+    assert metrics.ALEXNET_FILE in msg and metrics.ALEXNET_URL in msg and str(tmp_path) in msg
+
+    torch.manual_seed(123)
+    state = torchvision.models.alexnet(weights=None).state_dict()
+    ckpt_dir = tmp_path / "hub" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    torch.save(state, ckpt_dir / metrics.ALEXNET_FILE)
+    lp = LPIPS(pretrained=True)
+    assert lp.backbone == "alexnet"
+    # The first conv of the LPIPS trunk holds exactly the weights we planted.
+    assert torch.equal(lp.model.net.slice1[0].weight, state["features.0.weight"])
+    gt = _rand(64, 64, 13)
+    assert float(lp.spatial_maps(gt, [gt])[0].abs().max()) == 0.0
+
+
+def test_spatial_maps_rejects_bad_input(untrained):
+    with pytest.raises(ValueError, match="uint8 HxWx3"):
+        untrained.spatial_maps(np.zeros((64, 64, 3), np.float32), [np.zeros((64, 64, 3), np.uint8)])
+    with pytest.raises(ValueError, match="same shape"):
+        untrained.spatial_maps(_rand(64, 64), [_rand(64, 72)])
