@@ -1,0 +1,47 @@
+"""Shared fixtures. `demo_run` runs the whole demo pipeline once per test session
+in a fresh clone (through `dvc repro`), for the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def tool_env(root: Path | None = None, **extra: str) -> dict[str, str]:
+    """Environment for running the project's tools in a checkout: the venv first on PATH,
+    the checkout's srmap first on PYTHONPATH, and an MLflow store inside the checkout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI",)}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    if root is not None:
+        env["PYTHONPATH"] = str(root)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env.update(extra)
+    return env
+
+
+def clone_repo(dest: Path) -> Path:
+    """`git clone` this repository's committed HEAD into ``dest`` (what a new user gets)."""
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(dest)], check=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """A fresh clone on which `dvc repro` has run the demo profile end to end."""
+    if shutil.which("dvc", path=str(VENV_BIN)) is None:
+        pytest.fail("dvc is not installed in the test environment (run `make test`)")
+    clone = clone_repo(tmp_path_factory.mktemp("e2e") / "srmap")
+    proc = subprocess.run(["dvc", "repro"], cwd=clone, env=tool_env(clone), capture_output=True, text=True,
+                          timeout=1800)
+    (clone / "repro.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, f"dvc repro failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return clone

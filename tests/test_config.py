@@ -1,0 +1,105 @@
+"""params.yaml validation: unknown profile, missing key, bad type, malformed YAML."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from srmap.config import ConfigError, Paths, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, doc) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+    return p
+
+
+def _params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_repo_params_are_valid_for_both_profiles():
+    for name in ("demo", "paper"):
+        profile, section = load_params(ROOT / "params.yaml", name)
+        assert profile == name and section["data"]["scale"] == 4
+
+
+def test_paper_profile_carries_the_papers_settings():
+    _, p = load_params(ROOT / "params.yaml", "paper")
+    g = p["model"]["generator"]
+    assert (g["stem_width"], g["feature_widths"], g["stages"], g["blocks_per_stage"], g["compression"],
+            g["kernel_size"]) == (256, [512, 256, 128], 4, 16, 4, 3)
+    assert p["pretrain"]["batch_size"] == 64 and p["train_gan"]["batch_size"] == 64
+    assert p["pretrain"]["lr_patch"] == 48 and p["model"]["critic"]["in_size"] == 192
+    assert p["train_gan"]["epochs"] == 200 and p["train_gan"]["milestones"] == [200]
+    assert p["train_gan"]["lr_gamma"] == 0.5 and p["evaluate"]["samples"] == 10
+    assert p["data"]["source"] == "div2k" and p["data"]["train"] == [1, 800] and p["data"]["valid"] == [801, 900]
+
+
+def test_unknown_profile(tmp_path):
+    doc = _params()
+    doc["profile"] = "huge"
+    with pytest.raises(ConfigError, match=r"unknown profile 'huge' \(expected one of: demo, paper\)"):
+        load_params(_write(tmp_path, doc))
+
+
+def test_missing_key_is_named(tmp_path):
+    doc = _params()
+    del doc["demo"]["pretrain"]["lr"]
+    with pytest.raises(ConfigError, match=r"missing key 'demo\.pretrain\.lr' \(a number\)"):
+        load_params(_write(tmp_path, doc))
+
+
+def test_wrong_type_and_unknown_key(tmp_path):
+    doc = _params()
+    doc["demo"]["train_gan"]["alpha"] = "lots"
+    with pytest.raises(ConfigError, match=r"'demo\.train_gan\.alpha' must be a number, got 'lots'"):
+        load_params(_write(tmp_path, doc))
+    doc = _params()
+    doc["demo"]["evaluate"]["sampels"] = 3
+    with pytest.raises(ConfigError, match=r"unknown key 'demo\.evaluate\.sampels'"):
+        load_params(_write(tmp_path, doc))
+    doc = _params()
+    doc["demo"]["train_gan"]["adv_loss"] = "wgan"
+    with pytest.raises(ConfigError, match=r"'demo\.train_gan\.adv_loss' must be one of"):
+        load_params(_write(tmp_path, doc))
+
+
+def test_malformed_yaml(tmp_path):
+    with pytest.raises(ConfigError, match=r"params\.yaml: not valid YAML at line \d+: "):
+        load_params(_write(tmp_path, "profile: demo\ndemo: [unclosed\n"))
+
+
+def test_stage_script_prints_one_line_and_exits_nonzero(tmp_path):
+    doc = _params()
+    del doc["demo"]["data"]["scale"]
+    params = _write(tmp_path, doc)
+    proc = subprocess.run([sys.executable, str(ROOT / "pipeline" / "degrade.py"), "--params", str(params)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["srmap degrade: error: params.yaml: missing key 'demo.data.scale' (an integer)"], proc.stderr
+
+
+def test_cli_profile_switch(tmp_path):
+    from srmap.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    assert main(["profile", "paper", "--params", str(params)]) == 0
+    assert load_params(params)[0] == "paper"
+    assert main(["profile", "nope", "--params", str(params)]) == 2
+    assert load_params(params)[0] == "paper"
+
+
+def test_paths_are_per_profile():
+    a, b = Paths(ROOT, "demo"), Paths(ROOT, "paper")
+    for attr in ("hr", "prepared", "pretrain", "train_gan", "results", "report"):
+        assert getattr(a, attr) != getattr(b, attr)
+        assert "demo" in getattr(a, attr).parts

@@ -1,0 +1,144 @@
+"""End to end: a fresh clone runs the demo through `dvc repro`; the report, the metrics
+and the MLflow runs must exist and make sense, and a second `dvc repro` runs nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import tool_env
+
+pytestmark = pytest.mark.slow
+METHODS = ["Bicubic", "Generator w/ L1 (ours)", "SRMAP (ours)"]
+KEYS = ["LPIPS_mean", "LRPSNR_mean", "LRPSNR_worst", "score", "PSNR", "SSIM", "PSNR_Y", "SSIM_Y"]
+
+
+def test_report_and_metrics_exist_and_are_finite(demo_run: Path):
+    report = demo_run / "reports" / "demo"
+    for name in ("table2.md", "table2.csv", "fig2.png", "fig3.png", "fig4.png", "index.html"):
+        assert (report / name).stat().st_size > 0, name
+    metrics = json.loads((demo_run / "results" / "demo" / "metrics.json").read_text())
+    assert set(METHODS) <= set(metrics)
+    for method in METHODS:
+        for key in KEYS:
+            assert math.isfinite(metrics[method][key]), (method, key, metrics[method][key])
+    # deterministic methods have no diversity; SRMAP's samples differ
+    assert metrics["Bicubic"]["score"] == 0 and metrics["Generator w/ L1 (ours)"]["score"] == 0
+    assert metrics["SRMAP (ours)"]["score"] > 0
+    table = pd.read_csv(report / "table2.csv")
+    assert len(table) >= 3
+    md = (report / "table2.md").read_text()
+    assert "SRMAP (ours)" in md and "published, not re-run" in md
+
+
+def test_training_loss_csvs(demo_run: Path):
+    pre = pd.read_csv(demo_run / "models" / "demo" / "pretrain" / "losses.csv")
+    gan = pd.read_csv(demo_run / "models" / "demo" / "train_gan" / "losses.csv")
+    assert {"step", "l1"} <= set(pre.columns) and len(pre) > 1
+    assert {"step", "fidelity", "generator", "critic", "r1"} <= set(gan.columns) and len(gan) > 1
+    assert pre["step"].is_monotonic_increasing and gan["step"].is_monotonic_increasing
+    # pretraining with L1 must actually reduce the loss on the demo images
+    assert pre["l1"].iloc[-3:].mean() < pre["l1"].iloc[:3].mean()
+
+
+def test_second_repro_runs_nothing(demo_run: Path):
+    t0 = time.monotonic()
+    proc = subprocess.run(["dvc", "repro"], cwd=demo_run, env=tool_env(demo_run), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "Running stage" not in proc.stdout, proc.stdout
+    assert time.monotonic() - t0 < 120
+    status = subprocess.run(["dvc", "status"], cwd=demo_run, env=tool_env(demo_run), capture_output=True,
+                            text=True, timeout=300)
+    assert "up to date" in status.stdout, status.stdout
+
+
+def test_dvc_metrics_show(demo_run: Path):
+    proc = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=demo_run, env=tool_env(demo_run),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "SRMAP (ours)" in proc.stdout
+
+
+def _runs_by_stage(client, exp_id):
+    runs = client.search_runs([exp_id])
+    return {r.data.tags["stage"]: r for r in runs}
+
+
+def test_mlflow_runs_through_the_client(demo_run: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{demo_run / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("srmap")
+    assert exp is not None
+    runs = _runs_by_stage(client, exp.experiment_id)
+    assert {"pretrain", "train_gan", "evaluate"} <= set(runs)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=demo_run, capture_output=True, text=True).stdout.strip()
+    for stage in ("pretrain", "train_gan", "evaluate"):
+        run = runs[stage]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["profile"] == "demo" and run.data.tags["git_commit"] == head
+    assert runs["pretrain"].data.params["pretrain.lr"] == "0.0005"
+    history = client.get_metric_history(runs["train_gan"].info.run_id, "fidelity")
+    assert len(history) > 1 and len({m.step for m in history}) == len(history)
+    artifacts = [a.path for a in client.list_artifacts(runs["train_gan"].info.run_id)]
+    assert any("generator" in a for a in artifacts), artifacts
+    assert any(k.startswith("srmap_ours/") for k in runs["evaluate"].data.metrics)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_server_serves_the_runs_over_rest(demo_run: Path, tmp_path: Path):
+    port = _free_port()
+    log = open(tmp_path / "mlflow-server.log", "w")
+    server = subprocess.Popen(["mlflow", "server", "--backend-store-uri", f"sqlite:///{demo_run / 'mlflow.db'}",
+                               "--default-artifact-root", (demo_run / "mlartifacts").as_uri(),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              env=tool_env(demo_run), stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "mlflow server did not come up"
+            time.sleep(1)
+
+        def api(path: str, body: dict | None = None) -> dict:
+            data = None if body is None else json.dumps(body).encode()
+            req = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}", data=data,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())
+
+        exp = api("experiments/get-by-name?experiment_name=srmap")["experiment"]
+        runs = api("runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        stages = {t["value"]: r for r in runs for t in r["data"]["tags"] if t["key"] == "stage"}
+        assert {"pretrain", "train_gan", "evaluate"} <= set(stages)
+        run_id = stages["pretrain"]["info"]["run_id"]
+        hist = api(f"metrics/get-history?run_id={run_id}&metric_key=l1")["metrics"]
+        assert len(hist) > 1 and all(math.isfinite(m["value"]) for m in hist)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
