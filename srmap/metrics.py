@@ -276,9 +276,12 @@ class LPIPS:
 
         Takes uint8 HxWx3 RGB arrays of one shape (apply ``ntire_crop``).
         Equal to LPIPS(spatial=True)(sample, gt) per sample, but the GT's
-        features are computed once and samples go through in batches. A
-        sample identical to the GT gets an all-zero map, as the per-sample
-        call gives; batched convolutions would otherwise leave ~1e-13.
+        features are computed once and samples go through in batches.
+        Repeated samples are scored once and share one map, and a sample
+        identical to the GT gets an all-zero map, exactly as the per-sample
+        call gives (batched convolutions would otherwise differ by ~1e-7
+        between batch positions, enough to give a deterministic method a
+        non-zero diversity).
         """
         import lpips
         import torch
@@ -290,20 +293,36 @@ class LPIPS:
             _check_uint8_rgb(f"sample {k}", s)
             _check_same_shape(s, gt_uint8)
         hw = gt_uint8.shape[:2]
-        maps = []
+        source = _first_copies(samples_uint8)  # index of the first identical sample, per sample
+        unique = [k for k, src in enumerate(source) if src == k and not np.array_equal(samples_uint8[k], gt_uint8)]
+        out = torch.zeros((len(samples_uint8), *hw), dtype=torch.float32)
         with torch.no_grad():
-            ref = self._features(self._to_input([gt_uint8]))
-            for start in range(0, len(samples_uint8), self.batch_size):
-                feats = self._features(self._to_input(samples_uint8[start:start + self.batch_size]))
+            ref = self._features(self._to_input([gt_uint8])) if unique else []
+            for start in range(0, len(unique), self.batch_size):
+                idx = unique[start:start + self.batch_size]
+                feats = self._features(self._to_input([samples_uint8[k] for k in idx]))
                 total = 0
                 for lin, f, r in zip(self.model.lins, feats, ref):
                     total = total + lpips.upsample(lin((f - r) ** 2), out_HW=hw)  # (B,1,H,W)
-                maps.append(total[:, 0].float().cpu())
-        out = torch.cat(maps)
-        for k, s in enumerate(samples_uint8):
-            if np.array_equal(s, gt_uint8):
-                out[k] = 0
+                out[idx] = total[:, 0].float().cpu()
+        for k, src in enumerate(source):
+            if src != k:
+                out[k] = out[src]
         return out
+
+
+def _first_copies(arrays: Sequence[np.ndarray]) -> list[int]:
+    """For each array, the index of the first array with identical contents (itself if none earlier)."""
+    import hashlib
+
+    seen: dict[bytes, list[int]] = {}
+    out = []
+    for k, a in enumerate(arrays):
+        key = hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).digest()
+        match = next((j for j in seen.get(key, []) if np.array_equal(arrays[j], a)), k)
+        seen.setdefault(key, []).append(k)
+        out.append(match)
+    return out
 
 
 def diversity_score(maps) -> float:

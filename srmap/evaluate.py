@@ -1,0 +1,281 @@
+"""Scoring SR outputs with the NTIRE 2021 protocol, and the pipeline's `evaluate` stage.
+
+Per image: LPIPS (mean over samples of each sample's mean spatial map),
+LR-PSNR mean and worst over samples, the diversity score, and BasicSR
+PSNR/SSIM against the HR image in RGB and Y, each the mean over samples.
+Dataset numbers are plain means of the per-image values, as in the official
+script. PSNR/SSIM use the same NTIRE-cropped pair (GT cropped to a multiple
+of 8), then shave ``crop_border``.
+
+Two folder layouts are read:
+
+* challenge: GT ``0801.png`` ...; SR ``000000_sample00000.png`` (or
+  ``000000.png`` for one sample), the index being the GT's position in
+  sorted order;
+* simple: SR ``<gt-stem>_s<k>.png``, k = 0..samples-1, or for one output
+  ``<gt-stem>.png`` (``<gt-stem>_x4.png``, as `srmap upscale` names it, is
+  accepted too).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from srmap.inference import read_rgb, write_png
+from srmap.metrics import LPIPS, diversity_score, lpips_of_maps, lr_psnr_to, ntire_crop, psnr, ssim
+from srmap.utils import atomic_path
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# Method names of Table 2's measured rows; evaluate_stage gives BICUBIC/other generators one
+# deterministic output and SRMAP `samples` stochastic ones.
+BICUBIC = "Bicubic"
+L1 = "Generator w/ L1 (ours)"
+SRMAP = "SRMAP (ours)"
+COLUMNS = ["image", "LPIPS_mean", "LRPSNR_mean", "LRPSNR_worst", "score", "PSNR", "SSIM", "PSNR_Y", "SSIM_Y"]
+SCALE = 4
+
+
+def method_slug(method: str) -> str:
+    """File-system name of a method: lower case, runs of other characters as '_' ('SRMAP (ours)' -> 'srmap_ours')."""
+    slug = re.sub(r"[^a-z0-9]+", "_", method.lower()).strip("_")
+    if not slug:
+        raise ValueError(f"method name {method!r} has no letters or digits to build a folder name from")
+    return slug
+
+
+def _gt_files(gt_dir: Path) -> list[Path]:
+    if not gt_dir.is_dir():
+        raise FileNotFoundError(f"{gt_dir}: GT folder not found")
+    files = sorted(p for p in gt_dir.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{gt_dir}: no .png GT images")
+    return files
+
+
+def _challenge_names(index: int, samples: int) -> list[str]:
+    return [f"{index:06d}.png"] if samples == 1 else [f"{index:06d}_sample{k:05d}.png" for k in range(samples)]
+
+
+def _simple_names(stem: str, samples: int, scale: int, sr_dir: Path) -> list[str]:
+    if samples > 1:
+        return [f"{stem}_s{k}.png" for k in range(samples)]
+    for name in (f"{stem}.png", f"{stem}_x{scale}.png"):
+        if (sr_dir / name).is_file():
+            return [name]
+    return [f"{stem}.png"]
+
+
+def find_samples(gt_dir, sr_dir, samples: int, *, scale: int = SCALE) -> dict[str, list[Path]]:
+    """Map each GT image path (str, sorted) to its ``samples`` SR files (challenge or simple layout).
+
+    The layout is the challenge one when the first GT's challenge-named file
+    exists in ``sr_dir``, else the simple one. Extra SR files are ignored; a
+    missing one raises FileNotFoundError naming it and how many are missing.
+    """
+    gt_dir, sr_dir = Path(gt_dir), Path(sr_dir)
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    gts = _gt_files(gt_dir)
+    if not sr_dir.is_dir():
+        raise FileNotFoundError(f"{sr_dir}: SR folder not found")
+    challenge = (sr_dir / _challenge_names(0, samples)[0]).is_file()
+    found: dict[str, list[Path]] = {}
+    missing: list[Path] = []
+    for index, gt in enumerate(gts):
+        names = _challenge_names(index, samples) if challenge else _simple_names(gt.stem, samples, scale, sr_dir)
+        paths = [sr_dir / n for n in names]
+        missing += [p for p in paths if not p.is_file()]
+        found[str(gt)] = paths
+    if missing:
+        layout = "challenge (000000_sample00000.png)" if challenge else "simple (<gt-stem>_s<k>.png / <gt-stem>.png)"
+        raise FileNotFoundError(f"{missing[0]}: SR file not found ({len(missing)} missing in {sr_dir}, "
+                                f"{layout} layout, {samples} sample(s) per GT image)")
+    return found
+
+
+def ntire_scores(gt_uint8: np.ndarray, samples_uint8: Sequence[np.ndarray], lpips: LPIPS, *,
+                 scale: int = SCALE) -> dict[str, float]:
+    """The official NTIRE 2021 numbers for one image: LPIPS_mean, LRPSNR_mean, LRPSNR_worst, score.
+
+    Takes the uint8 HxWx3 GT and its SR samples (any size >= the GT cropped to
+    a multiple of 8). The GT's LPIPS features and its downscaled copy are
+    computed once for all samples.
+    """
+    from srmap.degrade import imresize
+
+    pairs = [ntire_crop(gt_uint8, s) for s in samples_uint8]
+    gt = pairs[0][0]
+    srs = [np.ascontiguousarray(sr) for _, sr in pairs]
+    maps = lpips.spatial_maps(np.ascontiguousarray(gt), srs)  # (S, H, W)
+    gt_lr = imresize(np.ascontiguousarray(gt), 1.0 / scale, rounding="half_even")
+    lr = [lr_psnr_to(sr, gt_lr, scale=scale) for sr in srs]
+    return {"LPIPS_mean": float(np.mean(lpips_of_maps(maps))), "LRPSNR_mean": float(np.mean(lr)),
+            "LRPSNR_worst": float(np.min(lr)), "score": diversity_score(maps)}
+
+
+def fidelity_scores(gt_uint8: np.ndarray, samples_uint8: Sequence[np.ndarray], *,
+                    crop_border: int = 4) -> dict[str, float]:
+    """BasicSR PSNR/SSIM (RGB and Y) against the GT, each the mean over samples, on the NTIRE-cropped pair.
+
+    Takes uint8 HxWx3 arrays; returns PSNR, SSIM, PSNR_Y, SSIM_Y (dB / [-1, 1];
+    PSNR inf for an exact copy).
+    """
+    rows = []
+    for s in samples_uint8:
+        gt, sr = ntire_crop(gt_uint8, s)
+        rows.append([psnr(sr, gt, crop_border=crop_border), ssim(sr, gt, crop_border=crop_border),
+                     psnr(sr, gt, crop_border=crop_border, y_channel=True),
+                     ssim(sr, gt, crop_border=crop_border, y_channel=True)])
+    means = np.mean(np.array(rows, dtype=np.float64), axis=0)
+    return dict(zip(["PSNR", "SSIM", "PSNR_Y", "SSIM_Y"], (float(v) for v in means)))
+
+
+def score_image(gt_uint8: np.ndarray, samples_uint8: list, lpips: LPIPS, *, crop_border: int = 4,
+                scale: int = SCALE) -> dict[str, float]:
+    """All per-image numbers: LPIPS_mean, LRPSNR_mean, LRPSNR_worst, score, PSNR, SSIM, PSNR_Y, SSIM_Y.
+
+    Takes the uint8 HxWx3 RGB GT and a non-empty list of its uint8 SR samples.
+    """
+    if len(samples_uint8) == 0:
+        raise ValueError("score_image needs at least one SR sample")
+    return {**ntire_scores(gt_uint8, samples_uint8, lpips, scale=scale),
+            **fidelity_scores(gt_uint8, samples_uint8, crop_border=crop_border)}
+
+
+def _score_dirs(gt_dir: Path, sr_dir: Path, samples: int, scale: int, lpips: LPIPS, crop_border: int,
+                progress: bool, desc: str = "evaluate") -> "pd.DataFrame":
+    import pandas as pd
+    from tqdm import tqdm
+
+    found = find_samples(gt_dir, sr_dir, samples, scale=scale)
+    rows = []
+    for gt_path, sr_paths in tqdm(found.items(), desc=desc, unit="img", disable=not progress, file=sys.stderr):
+        scores = score_image(read_rgb(gt_path), [read_rgb(p) for p in sr_paths], lpips, crop_border=crop_border,
+                             scale=scale)
+        rows.append({"image": Path(gt_path).stem, **scores})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def evaluate_dirs(gt_dir, sr_dir, *, samples: int = 10, scale: int = SCALE, lpips_pretrained: bool = True,
+                  device: str = "cpu", crop_border: int = 4, progress: bool = True) -> "pd.DataFrame":
+    """Score every GT image in ``gt_dir`` against its SR samples in ``sr_dir``; one DataFrame row per image.
+
+    Columns: image (GT stem), LPIPS_mean, LRPSNR_mean, LRPSNR_worst, score,
+    PSNR, SSIM, PSNR_Y, SSIM_Y.
+    """
+    lpips = LPIPS(pretrained=lpips_pretrained, device=device)
+    return _score_dirs(Path(gt_dir), Path(sr_dir), samples, scale, lpips, crop_border, progress)
+
+
+def summarize(df: "pd.DataFrame") -> dict[str, float]:
+    """Dataset numbers: the plain mean of each per-image column (an inf PSNR makes its mean inf), plus 'images'."""
+    if len(df) == 0:
+        raise ValueError("summarize: no per-image rows")
+    out = {c: float(df[c].astype(float).mean()) for c in COLUMNS[1:]}
+    out["images"] = int(len(df))
+    return out
+
+
+def write_csv(df: "pd.DataFrame", path: Path) -> None:
+    """Write per-image scores as CSV atomically (inf written as 'inf')."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6f")
+
+
+def _format_summary(summary: dict) -> str:
+    return ", ".join(f"{k}: {v:.4f}" if isinstance(v, float) and math.isfinite(v) else f"{k}: {v}"
+                     for k, v in summary.items())
+
+
+def evaluate_command(gt, sr, samples, scale, out_csv, lpips_pretrained, device, *, crop_border: int = 4) -> int:
+    """What `srmap evaluate` runs: score ``sr`` against ``gt``, write per-image CSV atomically, print the means.
+
+    Returns 0 on success, 2 with one line on stderr for bad input (missing
+    files or weights, mismatched sizes).
+    """
+    try:
+        lpips = LPIPS(pretrained=lpips_pretrained, device=device)
+        df = _score_dirs(Path(gt), Path(sr), int(samples), int(scale), lpips, crop_border, True)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"srmap evaluate: {exc}", file=sys.stderr)
+        return 2
+    write_csv(df, Path(out_csv))
+    if not lpips.pretrained:
+        print("note: LPIPS used an untrained AlexNet backbone; LPIPS and diversity are not comparable")
+    print(_format_summary(summarize(df)))
+    print(f"per-image scores: {out_csv}")
+    return 0
+
+
+def _generate(method: str, checkpoint: Path | None, lr_files: list[Path], sr_dir: Path, *, samples: int,
+              noise_scale: float, tile: int, tile_pad: int, device: str) -> None:
+    """Write each LR image's SR output(s): bicubic for checkpoint None; seeds 0..samples-1 at ``noise_scale``."""
+    from tqdm import tqdm
+
+    from srmap.degrade import imresize
+    from srmap.inference import load_generator, upscale_image
+
+    G = None if checkpoint is None else load_generator(checkpoint, device=device)
+    for lr_path in tqdm(lr_files, desc=f"upscale {method}", unit="img", file=sys.stderr):
+        lr = read_rgb(lr_path)
+        if G is None:
+            write_png(sr_dir / f"{lr_path.stem}.png", imresize(lr, SCALE))
+        else:
+            for k in range(samples):
+                sr = upscale_image(G, lr, seed=k, noise_scale=noise_scale, tile=tile, tile_pad=tile_pad,
+                                   device=device)
+                write_png(sr_dir / (f"{lr_path.stem}.png" if samples == 1 else f"{lr_path.stem}_s{k}.png"), sr)
+
+
+def _check_valid_dir(valid_dir: Path) -> list[Path]:
+    hr = _gt_files(valid_dir / "hr")
+    lr_files = [valid_dir / "lr" / p.name for p in hr]
+    missing = [p for p in lr_files if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: LR image not found ({len(missing)} of {len(hr)} missing; "
+                                f"expected lr/<stem>.png for every hr/<stem>.png)")
+    return lr_files
+
+
+def evaluate_stage(*, valid_dir: Path, generators: dict, out_dir: Path, samples: int, noise_scale: float,
+                   crop_border: int, lpips_pretrained: bool, tile: int, tile_pad: int,
+                   device: str | None = None) -> dict:
+    """Upscale the validation set with every method and score it; returns {method: summary}.
+
+    ``valid_dir`` holds hr/<stem>.png and lr/<stem>.png. ``generators`` maps a
+    method name to a generator checkpoint, or None for MATLAB bicubic. The
+    method named ``SRMAP`` ("SRMAP (ours)") gets ``samples`` samples (seeds
+    0..samples-1, ``noise_scale``); every other generator one output with
+    noise_scale 0. Writes out_dir/sr/<slug>/<stem>_s<k>.png (or <stem>.png)
+    and out_dir/<slug>.csv. Each summary holds the means of ``summarize`` plus
+    'samples', 'slug' and 'lpips_backbone' ('alexnet' or 'untrained (not
+    comparable)').
+    """
+    from srmap.utils import pick_device
+
+    valid_dir, out_dir = Path(valid_dir), Path(out_dir)
+    device = pick_device(device)
+    lr_files = _check_valid_dir(valid_dir)
+    lpips = LPIPS(pretrained=lpips_pretrained, device=device)
+    slugs = {m: method_slug(m) for m in generators}
+    if len(set(slugs.values())) != len(slugs):
+        raise ValueError(f"method names {list(generators)} map to clashing folder names {list(slugs.values())}")
+    results = {}
+    for method, checkpoint in generators.items():
+        stochastic = method == SRMAP and checkpoint is not None
+        n = samples if stochastic else 1
+        sr_dir = out_dir / "sr" / slugs[method]
+        _generate(method, None if checkpoint is None else Path(checkpoint), lr_files, sr_dir, samples=n,
+                  noise_scale=noise_scale if stochastic else 0.0, tile=tile, tile_pad=tile_pad, device=device)
+        df = _score_dirs(valid_dir / "hr", sr_dir, n, SCALE, lpips, crop_border, True, desc=f"score {method}")
+        write_csv(df, out_dir / f"{slugs[method]}.csv")
+        results[method] = {**summarize(df), "samples": n, "slug": slugs[method], "lpips_backbone": lpips.backbone}
+    return results
