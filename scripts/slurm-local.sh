@@ -78,11 +78,12 @@ stop_daemon() {  # $1 = name, $2 = pidfile, $3 = binary
     if pid=$(daemon_pid "$pidfile" "$binary"); then
         log "stopping $name (pid $pid)"
         kill -TERM "$pid" 2>/dev/null || true
+        # /proc/PID/exe vanishes at exit, even while an unreaped zombie remains.
         for i in $(seq 1 50); do
-            [[ -d /proc/$pid ]] || break
+            readlink "/proc/$pid/exe" >/dev/null 2>&1 || break
             sleep 0.2
         done
-        if [[ -d /proc/$pid ]]; then
+        if readlink "/proc/$pid/exe" >/dev/null 2>&1; then
             log "$name (pid $pid) ignored SIGTERM for 10 s; sending SIGKILL"
             kill -KILL "$pid" 2>/dev/null || true
         fi
@@ -197,6 +198,8 @@ link_etc_conf() {
 start_munged() {
     if daemon_pid "$MUNGE_DIR/munged.pid" "$MUNGED" >/dev/null; then return 0; fi
     install -d -o munge -g munge -m 0755 "$MUNGE_DIR"
+    runuser -u munge -- test -w "$MUNGE_DIR" \
+        || die "user munge cannot reach $MUNGE_DIR: a parent directory is not world-searchable (mode 0700?); use a --state-dir such as /tmp/srmap-slurm"
     if [[ ! -s $MUNGE_DIR/munge.key ]]; then
         # A fresh random key per state dir; munged insists on owner-only access.
         head -c 1024 /dev/urandom >"$MUNGE_DIR/munge.key"
