@@ -1,0 +1,150 @@
+"""Report: Table 2 from results (measured vs published), figures, and the page rendered in headless Chromium."""
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from srmap.evaluate import BICUBIC, L1, SRMAP, method_slug
+from srmap.report import NOT_COMPARABLE, build_report, pick_crop, stochasticity_map
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+
+
+def _rand(h, w, seed):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _write(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def _summary(lpips, lr, div, p, s, samples, backbone):
+    return {"LPIPS_mean": lpips, "LRPSNR_mean": lr, "LRPSNR_worst": lr - 1, "score": div, "PSNR": p, "SSIM": s,
+            "PSNR_Y": p + 1, "SSIM_Y": s, "images": 2, "samples": samples, "lpips_backbone": backbone}
+
+
+def _inputs(tmp_path, backbone="untrained (not comparable)"):
+    valid, ev = tmp_path / "valid", tmp_path / "eval"
+    results = {BICUBIC: _summary(0.4321, 41.5, 0.0, 24.25, 0.6543, 1, backbone),
+               L1: _summary(0.3111, 48.75, 0.0, 26.5, 0.7, 1, backbone),
+               SRMAP: _summary(0.2468, 45.126, 3.3333, 25.0, 0.68, 3, backbone)}
+    for i, stem in enumerate(("a", "b")):
+        hr = _rand(40, 48, i)
+        _write(valid / "hr" / f"{stem}.png", hr)
+        _write(valid / "lr" / f"{stem}.png", hr[::4, ::4])
+        for method in (BICUBIC, L1):
+            _write(ev / "sr" / method_slug(method) / f"{stem}.png", hr)
+        for k in range(3):
+            _write(ev / "sr" / method_slug(SRMAP) / f"{stem}_s{k}.png", _rand(40, 48, 10 + k))
+    with open(tmp_path / "gan.csv", "w") as f:
+        f.write("step,epoch,fidelity,generator,critic,r1,lr_g,lr_d\n")
+        for step in range(1, 41):
+            lr = 2e-4 if step <= 30 else 1e-4
+            f.write(f"{step},{step // 10},{1 / step},{0.5 + step / 100},{1 - step / 80},0.01,{lr},{lr}\n")
+    with open(tmp_path / "pre.csv", "w") as f:
+        f.write("step,epoch,l1,lr\n" + "".join(f"{s},{s // 5},{1 / s},5e-4\n" for s in range(1, 11)))
+    return dict(results=results, results_dir=ev, valid_dir=valid,
+                loss_csvs={"pretrain": tmp_path / "pre.csv", "train_gan": tmp_path / "gan.csv"},
+                published_csv=os.path.join(os.path.dirname(__file__), "..", "reports", "published.csv"),
+                out_dir=tmp_path / "report", crop_size=16, seed=0, profile="demo")
+
+
+def test_table2_measured_from_results_and_published_block(tmp_path):
+    args = _inputs(tmp_path)
+    build_report(**args)
+    out = args["out_dir"]
+    for name in ("table2.md", "table2.csv", "fig2.png", "fig3.png", "fig4.png", "index.html"):
+        assert (out / name).stat().st_size > 0, name
+    md = (out / "table2.md").read_text()
+    measured, published = md.split("## Published, not re-run")
+    assert "| SRMAP (ours) | 0.247 (untrained backbone, not comparable) | 45.13 | 3.33 (untrained backbone, not " \
+           "comparable) | 25.00 | 0.6800 |" in measured
+    assert "| Bicubic | 0.432 (" in measured and "SRMAP paper" not in measured
+    assert "| SRFlow (NTIRE 2021 challenge README, track 4X) | — | 49.91 | 25.36 | — | — |" in published
+    assert "| SRMAP (SRMAP paper, Table 2) | 0.153 | 58.40 | — | — | — |" in published
+    with open(out / "table2.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["block"] for r in rows] == ["measured"] * 3 + ["published, not re-run"] * 6
+    assert rows[1]["method"] == L1 and rows[1]["LR-PSNR ↑"] == "48.75"
+    assert rows[-1]["diversity ↑"] == "25.36"
+
+
+def test_pretrained_backbone_has_no_caveat(tmp_path):
+    args = _inputs(tmp_path, backbone="alexnet")
+    build_report(**args)
+    md = (args["out_dir"] / "table2.md").read_text()
+    assert NOT_COMPARABLE not in md and "| SRMAP (ours) | 0.247 | 45.13 | 3.33 |" in md
+    assert NOT_COMPARABLE not in (args["out_dir"] / "index.html").read_text()
+
+
+def test_missing_inputs_fail_clearly(tmp_path):
+    args = _inputs(tmp_path)
+    no_l1 = {k: v for k, v in args["results"].items() if k != L1}
+    with pytest.raises(ValueError, match="Generator w/ L1"):
+        build_report(**{**args, "results": no_l1})
+    (tmp_path / "bad.csv").write_text("step,fidelity\n1,0.5\n")
+    with pytest.raises(ValueError, match=r"bad\.csv.*'epoch'"):
+        build_report(**{**args, "loss_csvs": {"train_gan": tmp_path / "bad.csv"}})
+
+
+def test_crop_choice_is_reproducible_and_textured():
+    flat = np.full((64, 64, 3), 128, np.uint8)
+    busy = flat.copy()
+    busy[32:, 32:] = _rand(32, 32, 0)
+    imgs = {"flat": flat, "busy": busy}
+    first = pick_crop(imgs, 16, seed=3)
+    assert first == pick_crop(imgs, 16, seed=3)
+    stem, top, left, size = first
+    assert stem == "busy" and size == 16 and top % 4 == 0 and left % 4 == 0 and top + size > 32 and left + size > 32
+    assert pick_crop({"x": flat[:10, :10]}, 96, seed=0)[3] == 8  # shrunk to fit, multiple of 4
+
+
+def test_stochasticity_map_by_hand():
+    a = np.zeros((2, 2, 3), np.uint8)
+    b = a.copy()
+    b[0, 0] = 10
+    std = stochasticity_map([a, b])
+    assert std[0, 0] == pytest.approx(5.0) and std[1, 1] == 0.0
+
+
+PROBE = """<script>
+window.addEventListener('load', function () {
+  var imgs = document.querySelectorAll('img'), ok = 0;
+  for (var i = 0; i < imgs.length; i++) { if (imgs[i].complete && imgs[i].naturalWidth > 0) ok++; }
+  var rows = document.querySelectorAll('table tbody tr').length;
+  var p = document.createElement('pre'); p.id = 'probe';
+  p.textContent = 'images=' + imgs.length + ' loaded=' + ok + ' rows=' + rows;
+  document.body.appendChild(p);
+});
+</script></body>"""
+
+
+def test_page_renders_in_headless_chromium(tmp_path):
+    if CHROMIUM is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is required in CI (Debian package 'chromium') but was not found")
+        pytest.skip("chromium not installed (Debian package 'chromium'); CI=true makes this a failure")
+    args = _inputs(tmp_path)
+    build_report(**args)
+    page = (args["out_dir"] / "index.html").read_text()
+    assert page.count("</body>") == 1
+    probe = args["out_dir"] / "probe.html"  # same folder, so relative references would resolve too
+    probe.write_text(page.replace("</body>", PROBE))
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = re.search(r"images=(\d+) loaded=(\d+) rows=(\d+)", proc.stdout)
+    assert m, proc.stdout[-2000:]
+    images, loaded, rows = map(int, m.groups())
+    assert images == 3 and loaded == 3
+    assert rows == 3 + 6 + 3  # measured, published, all-numbers tables
+    assert "SRMAP (ours)" in proc.stdout and NOT_COMPARABLE in proc.stdout
