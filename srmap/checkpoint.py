@@ -65,7 +65,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torch's message is a paragraph; the line naming the refused global is the useful one.
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "Unsupported" in ln or "WeightsUnpickler" in ln),
+                     lines[0] if lines else type(exc).__name__)
         raise ValueError(f"checkpoint {path} holds objects that torch.load(weights_only=True) refuses "
                          f"to rebuild (not an SRMAP checkpoint, or a tampered one): {first}") from exc
     except (RuntimeError, EOFError) as exc:

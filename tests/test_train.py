@@ -1,0 +1,353 @@
+"""Training loops and checkpoints: bit-exact resume, resume guard, NaN guard, atomic and safe checkpoint files.
+
+Everything runs on CPU with a tiny generator/critic on 8x8 LR patches.
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from srmap.checkpoint import load_checkpoint, save_checkpoint, save_generator
+from srmap.degrade import imresize
+from srmap.nets import Generator, generator_config
+from srmap.train import (
+    GAN_COLUMNS,
+    PRETRAIN_COLUMNS,
+    NonFiniteLossError,
+    StepBatchSampler,
+    lr_factor,
+    pretrain,
+    train_gan,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_G = {"stem_width": 8, "feature_widths": [8, 8, 8], "stages": 1, "blocks_per_stage": 1, "compression": 4,
+          "kernel_size": 3, "noise_init": 0.05}
+TINY_C = {"in_size": 32, "widths": [8, 8], "blocks_per_stage": 1, "compression": 4, "kernel_size": 3,
+          "fc_widths": [8]}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Three smooth random 48x64 HR images and their MATLAB-bicubic x4 LR, as the degrade stage stores them."""
+    root = tmp_path_factory.mktemp("prepared")
+    rng = np.random.default_rng(0)
+    for sub in ("hr", "lr"):
+        (root / sub).mkdir()
+    for i in range(3):
+        coarse = rng.uniform(0, 255, (12, 16, 3)).astype(np.uint8)
+        hr = np.asarray(Image.fromarray(coarse).resize((64, 48), Image.BICUBIC))
+        np.save(root / "hr" / f"img{i}.npy", hr)
+        np.save(root / "lr" / f"img{i}.npy", imresize(hr, 0.25))
+    return root
+
+
+@pytest.fixture(scope="module")
+def init_generator(tmp_path_factory):
+    """A freshly initialised tiny generator saved in the srmap-generator/1 format."""
+    torch.manual_seed(5)
+    cfg = generator_config(TINY_G)
+    path = tmp_path_factory.mktemp("init") / "generator.pt"
+    save_generator(path, Generator(cfg), cfg, {"stage": "test"})
+    return path
+
+
+def pre_kw(data_dir, out_dir, **over):
+    kw = dict(data_dir=data_dir, out_dir=out_dir, gen_cfg=TINY_G, seed=0, batch_size=4, lr_patch=8, lr=1e-3,
+              betas=[0.9, 0.999], epochs=2, iters_per_epoch=3, milestones=[1], lr_gamma=0.5, ckpt_every=100,
+              log_every=2, workers=0, max_bad_steps=3, amp=True, channels_last=True, compile=False, device="cpu")
+    return {**kw, **over}
+
+
+def gan_kw(data_dir, out_dir, init_generator, **over):
+    kw = dict(data_dir=data_dir, out_dir=out_dir, init_generator=init_generator, gen_cfg=TINY_G,
+              critic_cfg=TINY_C, seed=1, batch_size=4, lr_patch=8, lr_g=1e-3, lr_d=1e-3, betas=[0.0, 0.99],
+              alpha=50.0, r1_gamma=1.0, adv_loss="softplus", epochs=2, iters_per_epoch=2, milestones=[1],
+              lr_gamma=0.5, image_every=2, ckpt_every=100, log_every=1, workers=0, max_bad_steps=3, amp=True,
+              channels_last=True, compile=False, device="cpu")
+    return {**kw, **over}
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class FakeTracker:
+    """Records what the training loop sends to MLflow."""
+
+    def __init__(self):
+        self.metrics, self.artifacts = [], []
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((step, dict(metrics)))
+
+    def log_artifact(self, path, artifact_path=None):
+        assert Path(path).is_file()
+        self.artifacts.append((Path(path).name, artifact_path))
+
+
+# ---------------------------------------------------------------------------
+# Data order and schedule
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_ranks_split_every_global_batch_and_keep_the_pairing(groups):
+    single = StepBatchSampler(start_step=0, total_steps=3, batch_size=8, groups=groups)
+    ranks = [StepBatchSampler(start_step=0, total_steps=3, batch_size=8, rank=r, world=2, groups=groups)
+             for r in range(2)]
+    for step, batch in enumerate(single):
+        assert batch == list(range(8 * step, 8 * step + 8))
+        parts = [rk.indices(step) for rk in ranks]
+        # each rank's slice of each group, concatenated group by group, is the single-process batch
+        per = 8 // groups // 2
+        merged = [i for g in range(groups) for p in parts for i in p[g * per:(g + 1) * per]]
+        assert merged == batch
+    resumed = StepBatchSampler(start_step=2, total_steps=3, batch_size=8, groups=groups)
+    assert list(resumed) == [list(range(16, 24))]
+    with pytest.raises(ValueError, match="divisible"):
+        StepBatchSampler(start_step=0, total_steps=1, batch_size=6, world=4, groups=groups)
+
+
+def test_lr_factor_is_a_step_function_of_the_milestones():
+    assert [lr_factor(s, [3, 5], 0.5) for s in range(7)] == [1, 1, 1, 0.5, 0.5, 0.25, 0.25]
+
+
+# ---------------------------------------------------------------------------
+# Bit-exact resume
+# ---------------------------------------------------------------------------
+
+
+def test_pretrain_kill_and_resume_is_bit_identical(data_dir, tmp_path):
+    tracker = FakeTracker()
+    full = pretrain(**pre_kw(data_dir, tmp_path / "full"), tracker=tracker)
+    stopped = pretrain(**pre_kw(data_dir, tmp_path / "cut"), stop_after=3)
+    assert stopped == tmp_path / "cut" / "checkpoint.pt" and not (tmp_path / "cut" / "generator.pt").exists()
+    resumed = pretrain(**pre_kw(data_dir, tmp_path / "cut"))
+    assert full.name == resumed.name == "generator.pt"
+    assert_same_state(load_checkpoint(full)["state_dict"], load_checkpoint(resumed)["state_dict"])
+    a, b = load_checkpoint(tmp_path / "full" / "checkpoint.pt"), load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert a["step"] == b["step"] == 6
+    assert_same_state(a["optimizers"]["G"]["state"][0], b["optimizers"]["G"]["state"][0])
+    # Step 3 split a logging window (log_every=2); the rows still match the uninterrupted run.
+    assert (tmp_path / "full" / "losses.csv").read_text() == (tmp_path / "cut" / "losses.csv").read_text()
+    rows = read_csv(tmp_path / "full" / "losses.csv")
+    assert tuple(rows[0]) == PRETRAIN_COLUMNS
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert [float(r["lr"]) for r in rows] == [1e-3, 5e-4, 5e-4]  # milestone at epoch 1 = step 3
+    assert all(float(r["l1"]) > 0 and r["skipped"] == "0" for r in rows)
+    opts = json.loads((tmp_path / "cut" / "training_options.json").read_text())
+    assert opts["resumed_from_step"] == 3 and opts["config"]["lr"] == 1e-3
+    assert [s for s, _ in tracker.metrics] == [2, 4, 6]
+    assert {"l1", "lr", "step_time_s", "patches_per_s", "skipped"} <= set(tracker.metrics[0][1])
+    assert ("generator.pt", None) in tracker.artifacts
+
+
+def test_pretrain_resume_with_dataloader_workers_matches(data_dir, tmp_path):
+    full = pretrain(**pre_kw(data_dir, tmp_path / "full", epochs=1))
+    pretrain(**pre_kw(data_dir, tmp_path / "cut", epochs=1, workers=2), stop_after=1)
+    resumed = pretrain(**pre_kw(data_dir, tmp_path / "cut", epochs=1, workers=2))
+    assert_same_state(load_checkpoint(full)["state_dict"], load_checkpoint(resumed)["state_dict"])
+
+
+def test_gan_kill_and_resume_is_bit_identical(data_dir, init_generator, tmp_path):
+    tracker = FakeTracker()
+    full = train_gan(**gan_kw(data_dir, tmp_path / "full", init_generator), tracker=tracker)
+    train_gan(**gan_kw(data_dir, tmp_path / "cut", init_generator), stop_after=1)
+    resumed = train_gan(**gan_kw(data_dir, tmp_path / "cut", init_generator))
+    assert_same_state(load_checkpoint(full)["state_dict"], load_checkpoint(resumed)["state_dict"])
+    a, b = load_checkpoint(tmp_path / "full" / "checkpoint.pt"), load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert_same_state(a["D"], b["D"])
+    assert not torch.equal(a["G"]["to_rgb_x4.weight"], load_checkpoint(init_generator)["state_dict"]["to_rgb_x4.weight"])
+    assert (tmp_path / "full" / "losses.csv").read_text() == (tmp_path / "cut" / "losses.csv").read_text()
+    rows = read_csv(tmp_path / "full" / "losses.csv")
+    assert tuple(rows[0]) == GAN_COLUMNS and [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(float(r[c]) >= 0 for r in rows for c in ("fidelity", "generator", "critic", "r1"))
+    assert [float(r["lr_d"]) for r in rows] == [1e-3, 1e-3, 5e-4, 5e-4]
+    grids = sorted(p.name for p in (tmp_path / "full" / "monitor").glob("*.png"))
+    assert grids == ["step_00000002.png", "step_00000004.png"]
+    with Image.open(tmp_path / "full" / "monitor" / grids[0]) as im:
+        assert im.size == (2 * 34 + 2, 3 * 34 + 2)  # 2 samples x rows LR / SR / HR of 32 px, 2 px padding
+    assert ("step_00000002.png", "monitor") in tracker.artifacts and ("generator.pt", None) in tracker.artifacts
+    assert {"fidelity", "generator", "critic", "r1", "lr_g", "lr_d", "patches_per_s"} <= set(tracker.metrics[0][1])
+
+
+# ---------------------------------------------------------------------------
+# Resume guard
+# ---------------------------------------------------------------------------
+
+
+def test_changed_config_trains_from_scratch_but_more_epochs_resume(data_dir, tmp_path):
+    out = tmp_path / "run"
+    pretrain(**pre_kw(data_dir, out, epochs=1))
+    (out / ".checkpoint.pt.abc.pt.tmp").write_bytes(b"half a checkpoint from a killed run")
+    pretrain(**pre_kw(data_dir, out, epochs=2, log_every=1))  # free keys: continue from step 3
+    assert not list(out.glob(".*.tmp"))
+    opts = json.loads((out / "training_options.json").read_text())
+    assert opts["resumed_from_step"] == 3
+    assert [int(r["step"]) for r in read_csv(out / "losses.csv")] == [2, 4, 5, 6]
+    with pytest.warns(RuntimeWarning, match=r"differs in: lr\b.*from scratch"):
+        pretrain(**pre_kw(data_dir, out, epochs=1, lr=2e-3))
+    opts = json.loads((out / "training_options.json").read_text())
+    assert opts["resumed_from_step"] is None and load_checkpoint(out / "checkpoint.pt")["step"] == 3
+
+
+def test_changed_training_data_is_not_resumed(data_dir, tmp_path):
+    import shutil
+
+    data2 = tmp_path / "data2"
+    shutil.copytree(data_dir, data2)
+    out = tmp_path / "run"
+    pretrain(**pre_kw(data2, out, epochs=1))
+    lr0 = np.load(data2 / "lr" / "img0.npy")
+    np.save(data2 / "lr" / "img0.npy", 255 - lr0)
+    with pytest.warns(RuntimeWarning, match="data_fingerprint"):
+        pretrain(**pre_kw(data2, out, epochs=1))
+
+
+def test_gan_rejects_mismatched_settings(data_dir, init_generator, tmp_path):
+    with pytest.raises(ValueError, match="in_size"):
+        train_gan(**gan_kw(data_dir, tmp_path / "a", init_generator, lr_patch=12))
+    with pytest.raises(ValueError, match="differs from model.generator"):
+        train_gan(**gan_kw(data_dir, tmp_path / "b", init_generator, gen_cfg={**TINY_G, "stem_width": 12}))
+    with pytest.raises(ValueError, match="adv_loss"):
+        train_gan(**gan_kw(data_dir, tmp_path / "c", init_generator, adv_loss="wgan"))
+    with pytest.raises(FileNotFoundError, match="pretrain"):
+        train_gan(**gan_kw(data_dir, tmp_path / "d", tmp_path / "missing.pt"))
+
+
+# ---------------------------------------------------------------------------
+# NaN / inf guard
+# ---------------------------------------------------------------------------
+
+
+def _nan_on_calls(fn, bad_calls):
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        out = fn(*args, **kwargs)
+        return out * float("nan") if calls["n"] in bad_calls else out
+
+    return wrapped
+
+
+def test_isolated_nan_steps_are_skipped_and_counted(data_dir, tmp_path, monkeypatch):
+    import srmap.train as train_mod
+
+    monkeypatch.setattr(train_mod, "l1_loss", _nan_on_calls(train_mod.l1_loss, {2, 3}))
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        pretrain(**pre_kw(data_dir, tmp_path, max_bad_steps=3))
+    rows = read_csv(tmp_path / "losses.csv")
+    assert [int(r["skipped"]) for r in rows] == [1, 1, 0]
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["skipped_total"] == 2
+    assert int(ckpt["optimizers"]["G"]["state"][0]["step"]) == 6 - 2  # no Adam update on skipped steps
+    assert all(torch.isfinite(v).all() for v in ckpt["G"].values())
+
+
+def test_persistent_nan_stops_with_a_clear_error_and_keeps_the_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    import srmap.train as train_mod
+
+    monkeypatch.setattr(train_mod, "l1_loss", _nan_on_calls(train_mod.l1_loss, set(range(3, 100))))
+    with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteLossError, match="max_bad_steps=2.*checkpoint"):
+        pretrain(**pre_kw(data_dir, tmp_path, ckpt_every=2, max_bad_steps=2))
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["G"].values())
+    assert not (tmp_path / "generator.pt").exists()
+
+
+def test_gan_skips_only_the_network_whose_update_is_bad(data_dir, init_generator, tmp_path, monkeypatch):
+    import srmap.train as train_mod
+
+    monkeypatch.setattr(train_mod, "critic_adv_loss", _nan_on_calls(train_mod.critic_adv_loss, {2}))
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        train_gan(**gan_kw(data_dir, tmp_path, init_generator))
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert int(ckpt["optimizers"]["G"]["state"][0]["step"]) == 4
+    assert int(ckpt["optimizers"]["D"]["state"][0]["step"]) == 3
+    assert [int(r["skipped"]) for r in read_csv(tmp_path / "losses.csv")] == [0, 1, 0, 0]
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint files
+# ---------------------------------------------------------------------------
+
+WRITER = """
+import sys, torch
+from srmap.checkpoint import save_checkpoint
+path = sys.argv[1]
+blob = torch.randn(6_000_000)  # 24 MB: a write takes long enough to be interrupted
+i = 0
+while True:
+    print(i, flush=True)
+    save_checkpoint(path, {"i": i, "blob": blob})
+    i += 1
+"""
+
+
+def test_sigkill_during_checkpoint_writes_leaves_a_loadable_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stdout:  # let two complete checkpoints land first
+            if int(line) >= 2:
+                break
+        deadline = time.monotonic() + 30
+        while not any(p.stat().st_size > 0 for p in tmp_path.glob(".checkpoint.pt.*")):  # a write is under way
+            assert time.monotonic() < deadline, "the writer never started a third checkpoint"
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert list(tmp_path.glob(".checkpoint.pt.*")), "the kill should have interrupted a write"
+    state = load_checkpoint(path)
+    assert state["i"] >= 1 and state["blob"].numel() == 6_000_000
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def test_crafted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
+    path, marker = tmp_path / "checkpoint.pt", tmp_path / "pwned"
+    torch.save({"step": 1, "evil": _Payload(marker)}, path)
+    with pytest.raises(ValueError, match=r"checkpoint\.pt.*weights_only"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # control: the payload is live when unpickled unsafely
+    assert marker.exists()
+
+
+def test_save_checkpoint_round_trips_and_missing_file_is_named(tmp_path):
+    path = tmp_path / "sub" / "c.pt"
+    save_checkpoint(path, {"step": 7, "w": torch.arange(3.0), "rng": (3, (1, 2), None)})
+    state = load_checkpoint(path)
+    assert state["step"] == 7 and torch.equal(state["w"], torch.arange(3.0)) and state["rng"] == (3, (1, 2), None)
+    assert [p.name for p in path.parent.iterdir()] == ["c.pt"]  # no temporary file left behind
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_checkpoint(tmp_path / "nope.pt")
