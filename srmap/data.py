@@ -90,20 +90,23 @@ def read_image(path, *, max_pixels: int) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
-    bomb = (f"{path}: {{}} pixels exceed max_pixels={max_pixels} (decompression-bomb guard); "
-            f"raise data.max_pixels in params.yaml if the image is genuine")
+
+    def bomb(size: str) -> str:
+        return (f"{path}: {size} is more than max_pixels={max_pixels} (decompression-bomb guard); "
+                f"raise data.max_pixels in params.yaml if the image is genuine")
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
         try:
             im = Image.open(path)
         except Image.DecompressionBombError as e:
-            raise ValueError(bomb.format("more than Pillow's limit of")) from e
+            raise ValueError(bomb("a size beyond Pillow's own hard limit")) from e
         except (OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"{path}: cannot decode image ({e})") from e
     with im:
         w, h = im.size
         if w * h > max_pixels:
-            raise ValueError(bomb.format(f"{w}x{h} = {w * h}"))
+            raise ValueError(bomb(f"{w}x{h} = {w * h} pixels"))
         # The raw mode (e.g. 'RGB;16B') tells 16-bit files apart; Pillow drops it after load().
         deep = any(";16" in str(getattr(tile, "args", "")) for tile in (im.tile or []))
         try:
@@ -179,8 +182,9 @@ def fetch_skimage(names: Sequence[str], out_dir: Path, *, multiple: int = 4) -> 
     paths = []
     for name in names:
         notes: list[str] = []
-        img = mod_crop(_to_rgb8(_load_skimage(name), f"skimage.data.{name}", notes), multiple)
-        _warn_conversion(f"skimage.data.{name}", "", notes)
+        raw = _load_skimage(name)
+        img = mod_crop(_to_rgb8(raw, f"skimage.data.{name}", notes), multiple)
+        _warn_conversion(f"skimage.data.{name}", f"{raw.dtype} {'x'.join(map(str, raw.shape))}", notes)
         path = out_dir / f"{name}.png"
         write_png(path, img)
         paths.append(path)

@@ -49,7 +49,8 @@ def contributions(in_len: int, out_len: int, scale: float) -> tuple[np.ndarray, 
     Takes the input and output lengths and the scale (output/input) of that axis.
     Returns ``(weights, indices)``, both ``(out_len, P)``: float64 weights that
     sum to one per row, and 0-based input indices already mirror-reflected into
-    ``[0, in_len)`` (MATLAB keeps the same P taps, some of them with weight 0).
+    ``[0, in_len)``. All P = ceil(kernel width) + 2 taps are kept, including
+    the all-zero tap columns that MATLAB drops (they add nothing).
     """
     if scale < 1:  # antialiasing: the kernel is stretched to the output's sampling rate
         width = KERNEL_WIDTH / scale
@@ -73,23 +74,39 @@ def contributions(in_len: int, out_len: int, scale: float) -> tuple[np.ndarray, 
 
 
 @functools.lru_cache(maxsize=64)
+def _taps(in_len: int, out_len: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Cached, read-only :func:`contributions` (small: ``(out_len, P)``)."""
+    weights, indices = contributions(in_len, out_len, scale)
+    weights.flags.writeable = False
+    indices.flags.writeable = False
+    return weights, indices
+
+
+def _fold(weights: np.ndarray, indices: np.ndarray, first: int, width: int) -> np.ndarray:
+    """Dense ``(rows, width)`` block whose column j holds the summed weight of input ``first + j``.
+
+    Zero-weight taps are skipped (they may point outside the block).
+    """
+    block = np.zeros((weights.shape[0], width), dtype=np.float64)
+    rows = np.broadcast_to(np.arange(weights.shape[0])[:, None], weights.shape)
+    used = weights != 0
+    np.add.at(block, (rows[used], indices[used] - first), weights[used])
+    return block
+
+
 def weight_matrix(in_len: int, out_len: int, scale: float) -> np.ndarray:
-    """Dense float64 ``(out_len, in_len)`` resampling matrix with mirror taps folded in (read-only).
+    """Dense float64 ``(out_len, in_len)`` resampling matrix with the mirror taps folded in.
 
     Row i holds the weight of every input pixel in output i; rows sum to one.
     """
-    weights, indices = contributions(in_len, out_len, scale)
-    mat = np.zeros((out_len, in_len), dtype=np.float64)
-    rows = np.repeat(np.arange(out_len), weights.shape[1])
-    np.add.at(mat, (rows, indices.ravel()), weights.ravel())
-    mat.flags.writeable = False
-    return mat
+    weights, indices = _taps(in_len, out_len, scale)
+    return _fold(weights, indices, 0, in_len)
 
 
-def _dyadic_bits(mat: np.ndarray, max_bits: int = 30) -> int | None:
-    """Smallest k with every entry of ``mat`` a multiple of 2**-k, or None if above ``max_bits``."""
+def _dyadic_bits(values: np.ndarray, max_bits: int = 30) -> int | None:
+    """Smallest k with every entry of ``values`` a multiple of 2**-k, or None if above ``max_bits``."""
     for k in range(max_bits + 1):
-        scaled = mat * float(2**k)
+        scaled = values * float(2**k)
         if np.array_equal(scaled, np.round(scaled)):
             return k
     return None
@@ -99,16 +116,17 @@ def _dyadic_bits(mat: np.ndarray, max_bits: int = 30) -> int | None:
 def _bands(in_len: int, out_len: int, scale: float, channels: int) -> tuple[tuple, bool]:
     """Blocks ``(r0, r1, c0, c1, w64, w32)`` of the band, and whether float32 is exact for uint8 data.
 
-    For blocks applied along the second image axis, ``w`` is ``kron(block.T, I_channels)``
+    Block k maps inputs ``c0:c1`` to outputs ``r0:r1``. For blocks applied along
+    the second image axis (``channels`` > 0), ``w`` is ``kron(block.T, I_channels)``
     so that an ``(H, W*C)`` image is resampled without transposing it.
     """
-    mat = weight_matrix(in_len, out_len, scale)
+    weights, indices = _taps(in_len, out_len, scale)
     blocks = []
     for r0 in range(0, out_len, _BLOCK):
         r1 = min(r0 + _BLOCK, out_len)
-        cols = np.flatnonzero(np.any(mat[r0:r1] != 0, axis=0))
-        c0, c1 = int(cols[0]), int(cols[-1]) + 1
-        w = mat[r0:r1, c0:c1]
+        used = indices[r0:r1][weights[r0:r1] != 0]
+        c0, c1 = int(used.min()), int(used.max()) + 1
+        w = _fold(weights[r0:r1], indices[r0:r1], c0, c1 - c0)
         if channels:
             w = np.kron(w.T, np.eye(channels))
         w = np.ascontiguousarray(w)
@@ -116,18 +134,10 @@ def _bands(in_len: int, out_len: int, scale: float, channels: int) -> tuple[tupl
     # With weights on a 2**-k grid and integer pixels in [0, 255], every product and
     # partial sum is a multiple of 2**-k below sum|w| * 255, so float32 BLAS gives the
     # exact float64 result (the x1/4 and x1/2 kernels are on a 2**-12 / 2**-8 grid).
-    bits = _dyadic_bits(mat)
-    exact32 = bits is not None and np.abs(mat).sum(axis=1).max() * 255 * 2.0**bits < 2.0**_F32_EXACT_BITS
+    # Folding mirror taps only adds weights on the same grid, with no larger sum |w|.
+    bits = _dyadic_bits(weights)
+    exact32 = bits is not None and np.abs(weights).sum(axis=1).max() * 255 * 2.0**bits < 2.0**_F32_EXACT_BITS
     return tuple(blocks), bool(exact32)
-
-
-@functools.lru_cache(maxsize=64)
-def _taps(in_len: int, out_len: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Cached, read-only :func:`contributions`."""
-    weights, indices = contributions(in_len, out_len, scale)
-    weights.flags.writeable = False
-    indices.flags.writeable = False
-    return weights, indices
 
 
 def _round_uint8_(a: np.ndarray, rounding: str) -> np.ndarray:
@@ -210,12 +220,12 @@ def _resize_numpy(img: np.ndarray, sizes: tuple[int, int], scales: tuple[float, 
     return a[:, :, 0] if squeeze else a
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)  # dense: a 2040-wide x1/4 matrix is 4 MB in float32
 def _torch_matrix(in_len: int, out_len: int, scale: float, device: Any, dtype: Any):
     """:func:`weight_matrix` as a torch tensor on ``device`` with ``dtype`` (cached, do not modify)."""
     import torch
 
-    return torch.from_numpy(np.array(weight_matrix(in_len, out_len, scale))).to(device=device, dtype=dtype)
+    return torch.from_numpy(weight_matrix(in_len, out_len, scale)).to(device=device, dtype=dtype)
 
 
 def _resize_torch(x, sizes: tuple[int, int], scales: tuple[float, float], order: list[int]):

@@ -202,6 +202,7 @@ def extract_pngs(zip_path: Path, out_dir: Path, *, max_pixels: int, names: Colle
     from srmap.data import read_image  # torch-heavy module, only needed here
 
     zip_path, out_dir = Path(zip_path), Path(out_dir)
+    names = None if names is None else set(names)
     try:
         zf = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as e:
