@@ -114,12 +114,13 @@ def read_image(path, *, max_pixels: int) -> np.ndarray:
         except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as e:
             raise ValueError(f"{path}: truncated or corrupt image ({e})") from e
         mode = im.mode
-        notes = ["16-bit to 8-bit (high byte)"] if deep and mode in ("RGB", "RGBA") else []
+        # Pillow already reduced 16-bit RGB(A)/LA to their high bytes; I;16 is reduced in _to_rgb8
+        notes = ["16-bit to 8-bit (high byte)"] if deep and not mode.startswith("I") else []
         if mode in ("P", "PA"):
             has_alpha = mode == "PA" or "transparency" in im.info
             arr = np.asarray(im.convert("RGBA" if has_alpha else "RGB"))
             notes.append("palette expanded")
-        elif mode == "1" or mode in ("L", "LA", "RGB", "RGBA") or mode.startswith("I;16"):
+        elif mode in ("1", "L", "LA", "RGB", "RGBA") or mode.startswith("I;16"):
             arr = np.asarray(im)
         elif mode == "I":
             arr = np.asarray(im)
