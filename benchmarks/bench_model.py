@@ -7,7 +7,7 @@ set against a baseline timed in the same run: a dense matmul of the same dtype
 (the ratio is a model-FLOPs utilisation against what this machine delivers),
 and on CPU fp32 contiguous vs channels_last.
 
-    python benchmarks/bench_model.py                          # CPU, demo + paper, ~2 min
+    python benchmarks/bench_model.py --threads 1              # CPU, demo + paper, ~2 min
     python benchmarks/bench_model.py --device cuda            # bf16 autocast + channels_last, MFU,
                                                               # and one paper training step at 32+32
     python benchmarks/bench_model.py --device cuda --compile  # same under torch.compile
@@ -187,12 +187,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=None,
                    help="timed calls per measurement, median reported (default: CPU demo 5 / paper 2; CUDA 20)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before each measurement")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice); 1 gives steadier numbers on a busy machine")
     p.add_argument("--compile", action="store_true", help="CUDA: also torch.compile the nets")
     p.add_argument("--no-train-step", action="store_true", help="CUDA: skip the full paper training step")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")
-    for name in ("batch", "iters"):
+    for name in ("batch", "iters", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name}: expected a positive integer, got {value}")
@@ -203,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print one table per configuration."""
     args = parse_args(argv)
     dev = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if dev == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -234,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'net':3} {'mode':18} {'FLOP/patch':>11} {'fwd patch/s':>12} {'fwd FLOP/s':>15} {'MFU':>6}"
               f" {'train patch/s':>14} {'train FLOP/s':>15} {'MFU':>6} {'vs ' + modes[0].name:>9}")
         peak = 0.0
+        fwd_per_patch = {}
         for name, net, shape in nets:
             flops = flops_per_patch(net, shape)
             calls = mode_calls(net, torch.rand((batch, *shape), device=dev), dev, modes)
@@ -247,10 +252,18 @@ def main(argv: list[str] | None = None) -> None:
                 t_fwd, t_train = statistics.median(fwd[mode.name]), statistics.median(train[mode.name])
                 fwd_rate, train_rate = flops * batch / t_fwd, 3 * flops * batch / t_train
                 speedup = statistics.median(b / t for b, t in zip(base, train[mode.name]))
+                fwd_per_patch.setdefault(name, t_fwd / batch)
                 print(f"{name:3} {mode.name:18} {flops / 1e9:9.3f} G {batch / t_fwd:12.2f} {fmt_rate(fwd_rate):>15}"
                       f" {fwd_rate / peak_fwd:6.1%} {batch / t_train:14.2f} {fmt_rate(train_rate):>15}"
                       f" {train_rate / peak_train:6.1%} {speedup:8.2f}x")
         print(f"baseline {mm_name}: {fmt_rate(peak)} (best of the rounds above)")
+        y1 = torch.rand(1, 3, lr_patch, lr_patch, device=dev)
+        noise = interleaved({"hash": lambda: g.noise(y1, 0, 1.0, (0, 0)), "randn": lambda: g.noise(y1, None, 1.0, (0, 0))},
+                            max(iters, 5), 1, dev)
+        t_hash, t_randn = statistics.median(noise["hash"]), statistics.median(noise["randn"])
+        print(f"noise maps for one {lr_patch}x{lr_patch} patch, {g_cfg.noise_layers} layers: hash {t_hash * 1e3:.2f} ms, "
+              f"randn {t_randn * 1e3:.2f} ms ({t_hash / t_randn:.1f}x randn, "
+              f"{t_hash / fwd_per_patch['G']:.2%} of a {modes[0].name} G forward per patch)")
         if dev == "cuda" and profile == "paper" and not args.no_train_step:
             step_batch = 32
             g_flops = flops_per_patch(g, (3, lr_patch, lr_patch))

@@ -46,15 +46,40 @@ def _mul32(x, c: int):
 def hash32(x):
     """Wellons' "lowbias32" integer hash of ``x mod 2**32``; returns values in [0, 2**32).
 
-    Works elementwise on int64 tensors and on Python ints (the same arithmetic), so
-    the scalar key of (seed, layer) and the per-pixel keys use one definition.
+    Works elementwise on int64 tensors (input left untouched) and on Python ints
+    (the same arithmetic), so the scalar key of (seed, layer) and the per-pixel
+    keys share one definition.
     """
+    if isinstance(x, Tensor):
+        return _hash32_(x & _M32)
     x = x & _M32
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
     x = x ^ (x >> 15)
     x = _mul32(x, 0x846CA68B)
     return x ^ (x >> 16)
+
+
+def _mul32_(x: Tensor, c: int, tmp: Tensor) -> Tensor:
+    """In-place ``_mul32`` on an int64 tensor, using ``tmp`` as scratch."""
+    torch.mul(x, c >> 16, out=tmp)
+    tmp.bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return x.mul_(c & 0xFFFF).add_(tmp).bitwise_and_(_M32)
+
+
+def _hash32_(x: Tensor) -> Tensor:
+    """``hash32`` in place on an int64 tensor already in [0, 2**32).
+
+    In-place with one scratch buffer: on CPU the allocations of the out-of-place
+    form (about 20 full-size temporaries) cost several times the arithmetic.
+    """
+    tmp = torch.empty_like(x)
+    for shift, const in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        torch.bitwise_right_shift(x, shift, out=tmp)
+        x.bitwise_xor_(tmp)
+        _mul32_(x, const, tmp)
+    torch.bitwise_right_shift(x, 16, out=tmp)
+    return x.bitwise_xor_(tmp)
 
 
 def _seed_key(seed: int) -> int:
@@ -82,11 +107,13 @@ def hash_normal(
     key = torch.tensor(base, dtype=torch.int64, device=device)[:, :, None, None]  # (S, L, 1, 1)
     rows = torch.arange(top, top + height, dtype=torch.int64, device=device)[:, None]  # (H, 1)
     cols = torch.arange(left, left + width, dtype=torch.int64, device=device)  # (W,)
-    key = hash32(hash32(key + rows) + cols)  # (S, L, H, W)
+    key = _hash32_((hash32(key + rows) + cols).bitwise_and_(_M32))  # (S, L, H, W)
+    other = _hash32_((key + _GOLDEN32).bitwise_and_(_M32))
     scale = 2.0**-23
-    u1 = ((key >> 9).to(torch.float32) + 0.5) * scale
-    u2 = ((hash32(key + _GOLDEN32) >> 9).to(torch.float32) + 0.5) * scale
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+    # In place from here on: these maps are the size of all layers' noise.
+    radius = key.bitwise_right_shift_(9).to(torch.float32).add_(0.5).mul_(scale).log_().mul_(-2.0).sqrt_()
+    angle = other.bitwise_right_shift_(9).to(torch.float32).add_(0.5).mul_(2.0 * math.pi * scale)
+    return radius.mul_(angle.cos_())
 
 
 # ---------------------------------------------------------------------------
@@ -449,8 +476,10 @@ class Generator(nn.Module):
         gets the same noise as the whole image. noise_scale multiplies all noise;
         0 gives the deterministic output.
         """
-        if y.dim() != 4 or y.shape[1] != 3:
-            raise ValueError(f"Generator input: expected an LR batch (N,3,h,w), got shape {tuple(y.shape)}")
+        if y.dim() != 4 or y.shape[1] != 3 or not y.is_floating_point():
+            raise ValueError(
+                f"Generator input: expected a float LR batch (N,3,h,w) in [0,1], got {y.dtype} {tuple(y.shape)}"
+            )
         z = self.noise(y, seed, noise_scale, origin)  # (N|1, L, h, w) or None
         x = self.act(self.stem(y))  # (N, W, h, w), non-negative
         trunk = 0

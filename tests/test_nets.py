@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import numpy as np
@@ -20,6 +21,7 @@ from srmap.nets import (
     critic_config,
     flops_per_patch,
     generator_config,
+    hash32,
     hash_normal,
     info_text,
 )
@@ -132,6 +134,21 @@ def test_seed_validation(gen):
         gen(y, seed=-1)
     with pytest.raises(ValueError, match=r"\(N,3,h,w\)"):
         gen(torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="float LR batch"):
+        gen(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+
+
+def test_channels_last_and_bf16_autocast(gen):
+    y = torch.rand(2, 3, 15, 11)
+    with torch.no_grad():
+        ref = gen(y, seed=1)
+        cl = copy.deepcopy(gen).to(memory_format=torch.channels_last)
+        torch.testing.assert_close(cl(y.contiguous(memory_format=torch.channels_last), seed=1), ref,
+                                   rtol=1e-4, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = gen(y, seed=1)
+    assert low.shape == ref.shape and torch.isfinite(low).all()
+    assert (low.float() - ref).abs().max() < 0.1
 
 
 # ---------------------------------------------------------------------------
@@ -169,6 +186,27 @@ def test_tile_noise_matches_whole_noise():
 # ---------------------------------------------------------------------------
 # Noise statistics
 # ---------------------------------------------------------------------------
+
+
+def _lowbias32_reference(x: np.ndarray) -> np.ndarray:
+    """lowbias32 in numpy uint32, whose multiplication wraps mod 2**32 natively."""
+    x = x.astype(np.uint32)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def test_hash_matches_uint32_reference():
+    values = np.random.default_rng(0).integers(0, 2**32, size=10_000, dtype=np.int64)
+    values[:4] = [0, 1, 2**31, 2**32 - 1]
+    expected = _lowbias32_reference(values).astype(np.int64)
+    got = hash32(torch.from_numpy(values.copy()))
+    assert np.array_equal(got.numpy(), expected)
+    assert [hash32(int(v)) for v in values[:50]] == expected[:50].tolist()
+    assert int(values[5]) == int(torch.from_numpy(values)[5])  # the input tensor is left untouched
 
 
 def test_hash_noise_is_standard_normal():
