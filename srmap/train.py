@@ -21,6 +21,7 @@ docs/training.md explains the outputs, resume rules and our choices.
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import csv
 import dataclasses
@@ -76,7 +77,6 @@ class DistInfo:
     rank: int  # global rank, 0 when not distributed
     world: int  # number of processes
     local_rank: int  # rank on this node; picks the CUDA device
-    owns_group: bool  # True when this module created the process group and must destroy it
 
     @property
     def main(self) -> bool:
@@ -84,8 +84,13 @@ class DistInfo:
         return self.rank == 0
 
 
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _setup_distributed(device: str | None) -> tuple[DistInfo, torch.device]:
-    """Join the torchrun process group when WORLD_SIZE > 1; pick this rank's device."""
+    """Join the torchrun process group when WORLD_SIZE > 1 (or reuse the caller's); pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 or (dist.is_available() and dist.is_initialized()):
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -93,28 +98,32 @@ def _setup_distributed(device: str | None) -> tuple[DistInfo, torch.device]:
         dev = torch.device("cuda", local) if want_cuda else torch.device("cpu")
         if want_cuda:
             torch.cuda.set_device(dev)
-        owns = not dist.is_initialized()
-        if owns:
+        if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if want_cuda else "gloo", device_id=dev if want_cuda else None)
-        return DistInfo(dist.get_rank(), dist.get_world_size(), local, owns), dev
+            # One group per process, destroyed at exit: torch cannot re-create the
+            # default group after destroying it (pytorch/pytorch#55967), and a
+            # caller may run both stages in one process.
+            atexit.register(_destroy_group)
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local), dev
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)
-    return DistInfo(0, 1, 0, False), dev
+    return DistInfo(0, 1, 0), dev
 
 
-def _teardown(info: DistInfo) -> None:
-    if info.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+def _finish(info: DistInfo) -> None:
+    """Let every rank return only once rank 0 has written the stage's outputs."""
+    if info.world > 1:
+        dist.barrier()
 
 
 def _wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
     if info.world == 1:
         return model
-    # broadcast_buffers=False: the only buffers are constant filter taps, and a
+    # forward_sync_buffers=False: the only buffers are constant filter taps, and a
     # per-forward broadcast would add a collective to every critic call.
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                               broadcast_buffers=False, gradient_as_bucket_view=True)
+                                               forward_sync_buffers=False, gradient_as_bucket_view=True)
 
 
 def _all_mean(values: Sequence[Tensor], info: DistInfo) -> list[float]:
@@ -653,100 +662,99 @@ def pretrain(*, data_dir, out_dir, gen_cfg, seed: int, batch_size: int, lr_patch
                        "data_fingerprint": data_fingerprint(data_dir)})
     total = epochs * iters_per_epoch
     s = _begin("pretrain", out_dir, resolved, seed=seed, channels_last=channels_last, device=device, total=total)
-    try:
-        G = _prepare(Generator(gen_cfg), s.device, s.channels_last).train()
-        opt = torch.optim.Adam(G.parameters(), lr=lr, betas=tuple(betas))
-        sched = _scheduler(opt, milestones, iters_per_epoch, lr_gamma)
-        # bf16 autocast needs no loss scaling; the scaler is kept (disabled) so
-        # checkpoints have one format whatever the precision.
-        scaler = torch.amp.GradScaler(s.device.type, enabled=False)
-        meter = WindowMeter()
-        start, skipped_total = 0, 0
-        if s.ckpt is not None:
-            G.load_state_dict(s.ckpt["G"])
-            opt.load_state_dict(s.ckpt["optimizers"]["G"])
-            sched.load_state_dict(s.ckpt["schedulers"]["G"])
-            scaler.load_state_dict(s.ckpt["scaler"])
-            meter.load_state_dict(s.ckpt["log_window"])
-            start, skipped_total = int(s.ckpt["step"]), int(s.ckpt["skipped_total"])
-            _sync_lr(sched)
-        _restore_rng(s, seed)
-        G_run = _wrap_ddp(G, s.info, s.device)
-        if compile and s.cuda:
-            G_run = torch.compile(G_run)
-        bad = BadStepCounter(max_bad_steps, "pretrain", s.ckpt_path, skipped_total)
-        log = LossLog(s.out_dir / "losses.csv", PRETRAIN_COLUMNS, s.ckpt["log_rows"] if s.ckpt else [], s.info.main)
-        progress = Progress("pretrain", total, start, s.info.main)
-        loader = _loader(data_dir, lr_patch=lr_patch, seed=seed, total_steps=total, batch_size=batch_size,
-                         start_step=start, end_step=total if stop_after is None else stop_after,
-                         info=s.info, groups=1, workers=workers, device=s.device)
-        params = list(G.parameters())
+    G = _prepare(Generator(gen_cfg), s.device, s.channels_last).train()
+    opt = torch.optim.Adam(G.parameters(), lr=lr, betas=tuple(betas))
+    sched = _scheduler(opt, milestones, iters_per_epoch, lr_gamma)
+    # bf16 autocast needs no loss scaling; the scaler is kept (disabled) so
+    # checkpoints have one format whatever the precision.
+    scaler = torch.amp.GradScaler(s.device.type, enabled=False)
+    meter = WindowMeter()
+    start, skipped_total = 0, 0
+    if s.ckpt is not None:
+        G.load_state_dict(s.ckpt["G"])
+        opt.load_state_dict(s.ckpt["optimizers"]["G"])
+        sched.load_state_dict(s.ckpt["schedulers"]["G"])
+        scaler.load_state_dict(s.ckpt["scaler"])
+        meter.load_state_dict(s.ckpt["log_window"])
+        start, skipped_total = int(s.ckpt["step"]), int(s.ckpt["skipped_total"])
+        _sync_lr(sched)
+    _restore_rng(s, seed)
+    G_run = _wrap_ddp(G, s.info, s.device)
+    if compile and s.cuda:
+        G_run = torch.compile(G_run)
+    bad = BadStepCounter(max_bad_steps, "pretrain", s.ckpt_path, skipped_total)
+    log = LossLog(s.out_dir / "losses.csv", PRETRAIN_COLUMNS, s.ckpt["log_rows"] if s.ckpt else [], s.info.main)
+    progress = Progress("pretrain", total, start, s.info.main)
+    loader = _loader(data_dir, lr_patch=lr_patch, seed=seed, total_steps=total, batch_size=batch_size,
+                     start_step=start, end_step=total if stop_after is None else stop_after,
+                     info=s.info, groups=1, workers=workers, device=s.device)
+    params = list(G.parameters())
 
-        def checkpoint(step: int) -> None:
-            if not _weights_finite(G):
-                raise NonFiniteLossError(f"pretrain: generator weights are not finite at step {step}; "
-                                         f"the last good checkpoint {s.ckpt_path} is intact")
-            rng = _gather_rng(s.device, s.info)
-            if s.info.main:
-                save_checkpoint(s.ckpt_path, {
-                    "format": CHECKPOINT_FORMAT, "stage": "pretrain", "config": s.resolved, "step": step,
-                    "epoch": _epoch_of(step, iters_per_epoch) if step else 0, "world_size": s.info.world,
-                    "gen_config": dataclasses.asdict(gen_cfg), "G": G.state_dict(),
-                    "optimizers": {"G": opt.state_dict()}, "schedulers": {"G": sched.state_dict()},
-                    "scaler": scaler.state_dict(), "rng": rng, "skipped_total": bad.total,
-                    "log_window": meter.state_dict(), "log_rows": log.rows,
-                    "data": {"seed": seed, "batch_size": batch_size, "next_step": step}})
-
-        step = start
-        for lr_u8, hr_u8 in loader:
-            y = _to_float(lr_u8, s.device, s.channels_last)  # (n,3,p,p)
-            x = _to_float(hr_u8, s.device, s.channels_last)  # (n,3,4p,4p)
-            with _autocast(s.device, amp):
-                sr = G_run(y)  # (n,3,4p,4p)
-            loss = l1_loss(sr, x)  # float32, outside autocast
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            gnorm = _grad_norm(params)
-            l1_v, gnorm_v, bad_v = _all_mean([loss, gnorm, _finite_flag(loss, gnorm)], s.info)
-            skip = bad_v > 0
-            lr_now = opt.param_groups[0]["lr"]
-            if not skip:
-                scaler.step(opt)
-            scaler.update()
-            sched.step()
-            step += 1
-            meter.add({"l1": l1_v, "grad_norm": gnorm_v}, skip)
-            progress.step()
-            bad.update(skip, step)
-            if step % log_every == 0:
-                means = meter.means()
-                row = {"step": step, "epoch": _epoch_of(step, iters_per_epoch), "l1": means["l1"], "lr": lr_now,
-                       "skipped": meter.skipped}
-                log.append(row)
-                progress.report(step, row["epoch"], {"l1": means["l1"], "lr": lr_now})
-                if tracker is not None and s.info.main:
-                    sps = meter.seconds_per_step()
-                    tracker.log_metrics({"l1": means["l1"], "lr": lr_now, "grad_norm": means["grad_norm"],
-                                         "skipped": meter.skipped, "skipped_total": bad.total,
-                                         "step_time_s": sps, "patches_per_s": batch_size / sps}, step)
-                meter.reset()
-            if step % ckpt_every == 0 or step == total or step == stop_after:
-                checkpoint(step)
-        progress.close()
-        if step < total:
-            if s.ckpt is None and step == 0:
-                checkpoint(step)  # stop_after=0: the caller still gets a checkpoint
-            return s.ckpt_path
-        gen_path = s.out_dir / "generator.pt"
+    def checkpoint(step: int) -> None:
+        if not _weights_finite(G):
+            raise NonFiniteLossError(f"pretrain: generator weights are not finite at step {step}; "
+                                     f"the last good checkpoint {s.ckpt_path} is intact")
+        rng = _gather_rng(s.device, s.info)
         if s.info.main:
-            save_generator(gen_path, G, gen_cfg, {"stage": "pretrain", "steps": total, "seed": seed,
-                                                  "train_config": s.resolved, "torch": str(torch.__version__)})
-            if tracker is not None:
-                tracker.log_artifact(gen_path)
-        return gen_path
-    finally:
-        _teardown(s.info)
+            save_checkpoint(s.ckpt_path, {
+                "format": CHECKPOINT_FORMAT, "stage": "pretrain", "config": s.resolved, "step": step,
+                "epoch": _epoch_of(step, iters_per_epoch) if step else 0, "world_size": s.info.world,
+                "gen_config": dataclasses.asdict(gen_cfg), "G": G.state_dict(),
+                "optimizers": {"G": opt.state_dict()}, "schedulers": {"G": sched.state_dict()},
+                "scaler": scaler.state_dict(), "rng": rng, "skipped_total": bad.total,
+                "log_window": meter.state_dict(), "log_rows": log.rows,
+                "data": {"seed": seed, "batch_size": batch_size, "next_step": step}})
+
+    step = start
+    for lr_u8, hr_u8 in loader:
+        y = _to_float(lr_u8, s.device, s.channels_last)  # (n,3,p,p)
+        x = _to_float(hr_u8, s.device, s.channels_last)  # (n,3,4p,4p)
+        with _autocast(s.device, amp):
+            sr = G_run(y)  # (n,3,4p,4p)
+        loss = l1_loss(sr, x)  # float32, outside autocast
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        gnorm = _grad_norm(params)
+        l1_v, gnorm_v, bad_v = _all_mean([loss, gnorm, _finite_flag(loss, gnorm)], s.info)
+        skip = bad_v > 0
+        lr_now = opt.param_groups[0]["lr"]
+        if not skip:
+            scaler.step(opt)
+        scaler.update()
+        sched.step()
+        step += 1
+        meter.add({"l1": l1_v, "grad_norm": gnorm_v}, skip)
+        progress.step()
+        bad.update(skip, step)
+        if step % log_every == 0:
+            means = meter.means()
+            row = {"step": step, "epoch": _epoch_of(step, iters_per_epoch), "l1": means["l1"], "lr": lr_now,
+                   "skipped": meter.skipped}
+            log.append(row)
+            progress.report(step, row["epoch"], {"l1": means["l1"], "lr": lr_now})
+            if tracker is not None and s.info.main:
+                sps = meter.seconds_per_step()
+                tracker.log_metrics({"l1": means["l1"], "lr": lr_now, "grad_norm": means["grad_norm"],
+                                     "skipped": meter.skipped, "skipped_total": bad.total,
+                                     "step_time_s": sps, "patches_per_s": batch_size / sps}, step)
+            meter.reset()
+        if step % ckpt_every == 0 or step == total or step == stop_after:
+            checkpoint(step)
+    progress.close()
+    if step < total:
+        if s.ckpt is None and step == 0:
+            checkpoint(step)  # stop_after=0: the caller still gets a checkpoint
+        _finish(s.info)
+        return s.ckpt_path
+    gen_path = s.out_dir / "generator.pt"
+    if s.info.main:
+        save_generator(gen_path, G, gen_cfg, {"stage": "pretrain", "steps": total, "seed": seed,
+                                              "train_config": s.resolved, "torch": str(torch.__version__)})
+        if tracker is not None:
+            tracker.log_artifact(gen_path)
+    _finish(s.info)
+    return gen_path
 
 
 # ---------------------------------------------------------------------------
@@ -796,152 +804,151 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
                        "init_generator": init_generator, "init_generator_sha256": file_sha256(init_generator)})
     total = epochs * iters_per_epoch
     s = _begin("train_gan", out_dir, resolved, seed=seed, channels_last=channels_last, device=device, total=total)
-    try:
-        G0 = load_generator(init_generator)
-        if G0.cfg != gen_cfg:
-            raise ValueError(f"init_generator {init_generator}: its generator config {dataclasses.asdict(G0.cfg)} "
-                             f"differs from model.generator {dataclasses.asdict(gen_cfg)}")
-        G = _prepare(G0.requires_grad_(True), s.device, s.channels_last).train()
-        D = _prepare(Discriminator(critic_cfg), s.device, s.channels_last).train()
-        opt_g = torch.optim.Adam(G.parameters(), lr=lr_g, betas=tuple(betas))
-        opt_d = torch.optim.Adam(D.parameters(), lr=lr_d, betas=tuple(betas))
-        sched_g = _scheduler(opt_g, milestones, iters_per_epoch, lr_gamma)
-        sched_d = _scheduler(opt_d, milestones, iters_per_epoch, lr_gamma)
-        scaler = torch.amp.GradScaler(s.device.type, enabled=False)  # see pretrain
-        meter = WindowMeter()
-        start, skipped_total = 0, 0
-        if s.ckpt is not None:
-            G.load_state_dict(s.ckpt["G"])
-            D.load_state_dict(s.ckpt["D"])
-            opt_g.load_state_dict(s.ckpt["optimizers"]["G"])
-            opt_d.load_state_dict(s.ckpt["optimizers"]["D"])
-            sched_g.load_state_dict(s.ckpt["schedulers"]["G"])
-            sched_d.load_state_dict(s.ckpt["schedulers"]["D"])
-            scaler.load_state_dict(s.ckpt["scaler"])
-            meter.load_state_dict(s.ckpt["log_window"])
-            start, skipped_total = int(s.ckpt["step"]), int(s.ckpt["skipped_total"])
-            _sync_lr(sched_g)
-            _sync_lr(sched_d)
-        _restore_rng(s, seed)
-        G_run = _wrap_ddp(G, s.info, s.device)
-        if compile and s.cuda:
-            G_run = torch.compile(G_run)
-        # The critic is never compiled: the R1 penalty needs a double backward,
-        # which torch.compile does not support.
-        D_run = _wrap_ddp(D, s.info, s.device)
-        bad = BadStepCounter(max_bad_steps, "train_gan", s.ckpt_path, skipped_total)
-        log = LossLog(s.out_dir / "losses.csv", GAN_COLUMNS, s.ckpt["log_rows"] if s.ckpt else [], s.info.main)
-        monitor = s.out_dir / "monitor"
+    G0 = load_generator(init_generator)
+    if G0.cfg != gen_cfg:
+        raise ValueError(f"init_generator {init_generator}: its generator config {dataclasses.asdict(G0.cfg)} "
+                         f"differs from model.generator {dataclasses.asdict(gen_cfg)}")
+    G = _prepare(G0.requires_grad_(True), s.device, s.channels_last).train()
+    D = _prepare(Discriminator(critic_cfg), s.device, s.channels_last).train()
+    opt_g = torch.optim.Adam(G.parameters(), lr=lr_g, betas=tuple(betas))
+    opt_d = torch.optim.Adam(D.parameters(), lr=lr_d, betas=tuple(betas))
+    sched_g = _scheduler(opt_g, milestones, iters_per_epoch, lr_gamma)
+    sched_d = _scheduler(opt_d, milestones, iters_per_epoch, lr_gamma)
+    scaler = torch.amp.GradScaler(s.device.type, enabled=False)  # see pretrain
+    meter = WindowMeter()
+    start, skipped_total = 0, 0
+    if s.ckpt is not None:
+        G.load_state_dict(s.ckpt["G"])
+        D.load_state_dict(s.ckpt["D"])
+        opt_g.load_state_dict(s.ckpt["optimizers"]["G"])
+        opt_d.load_state_dict(s.ckpt["optimizers"]["D"])
+        sched_g.load_state_dict(s.ckpt["schedulers"]["G"])
+        sched_d.load_state_dict(s.ckpt["schedulers"]["D"])
+        scaler.load_state_dict(s.ckpt["scaler"])
+        meter.load_state_dict(s.ckpt["log_window"])
+        start, skipped_total = int(s.ckpt["step"]), int(s.ckpt["skipped_total"])
+        _sync_lr(sched_g)
+        _sync_lr(sched_d)
+    _restore_rng(s, seed)
+    G_run = _wrap_ddp(G, s.info, s.device)
+    if compile and s.cuda:
+        G_run = torch.compile(G_run)
+    # The critic is never compiled: the R1 penalty needs a double backward,
+    # which torch.compile does not support.
+    D_run = _wrap_ddp(D, s.info, s.device)
+    bad = BadStepCounter(max_bad_steps, "train_gan", s.ckpt_path, skipped_total)
+    log = LossLog(s.out_dir / "losses.csv", GAN_COLUMNS, s.ckpt["log_rows"] if s.ckpt else [], s.info.main)
+    monitor = s.out_dir / "monitor"
+    if s.info.main:
+        _clear_monitor(monitor, start if s.ckpt else -1)
+    progress = Progress("train_gan", total, start, s.info.main)
+    loader = _loader(data_dir, lr_patch=lr_patch, seed=seed, total_steps=total, batch_size=batch_size,
+                     start_step=start, end_step=total if stop_after is None else stop_after,
+                     info=s.info, groups=2, workers=workers, device=s.device)
+    params_g, params_d = list(G.parameters()), list(D.parameters())
+    half = batch_size // 2 // s.info.world  # fakes (and reals) per rank
+
+    def checkpoint(step: int) -> None:
+        if not _weights_finite(G, D):
+            raise NonFiniteLossError(f"train_gan: weights are not finite at step {step}; "
+                                     f"the last good checkpoint {s.ckpt_path} is intact")
+        rng = _gather_rng(s.device, s.info)
         if s.info.main:
-            _clear_monitor(monitor, start if s.ckpt else -1)
-        progress = Progress("train_gan", total, start, s.info.main)
-        loader = _loader(data_dir, lr_patch=lr_patch, seed=seed, total_steps=total, batch_size=batch_size,
-                         start_step=start, end_step=total if stop_after is None else stop_after,
-                         info=s.info, groups=2, workers=workers, device=s.device)
-        params_g, params_d = list(G.parameters()), list(D.parameters())
-        half = batch_size // 2 // s.info.world  # fakes (and reals) per rank
+            save_checkpoint(s.ckpt_path, {
+                "format": CHECKPOINT_FORMAT, "stage": "train_gan", "config": s.resolved, "step": step,
+                "epoch": _epoch_of(step, iters_per_epoch) if step else 0, "world_size": s.info.world,
+                "gen_config": dataclasses.asdict(gen_cfg), "critic_config": dataclasses.asdict(critic_cfg),
+                "G": G.state_dict(), "D": D.state_dict(),
+                "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
+                "schedulers": {"G": sched_g.state_dict(), "D": sched_d.state_dict()},
+                "scaler": scaler.state_dict(), "rng": rng, "skipped_total": bad.total,
+                "log_window": meter.state_dict(), "log_rows": log.rows,
+                "data": {"seed": seed, "batch_size": batch_size, "next_step": step}})
 
-        def checkpoint(step: int) -> None:
-            if not _weights_finite(G, D):
-                raise NonFiniteLossError(f"train_gan: weights are not finite at step {step}; "
-                                         f"the last good checkpoint {s.ckpt_path} is intact")
-            rng = _gather_rng(s.device, s.info)
-            if s.info.main:
-                save_checkpoint(s.ckpt_path, {
-                    "format": CHECKPOINT_FORMAT, "stage": "train_gan", "config": s.resolved, "step": step,
-                    "epoch": _epoch_of(step, iters_per_epoch) if step else 0, "world_size": s.info.world,
-                    "gen_config": dataclasses.asdict(gen_cfg), "critic_config": dataclasses.asdict(critic_cfg),
-                    "G": G.state_dict(), "D": D.state_dict(),
-                    "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                    "schedulers": {"G": sched_g.state_dict(), "D": sched_d.state_dict()},
-                    "scaler": scaler.state_dict(), "rng": rng, "skipped_total": bad.total,
-                    "log_window": meter.state_dict(), "log_rows": log.rows,
-                    "data": {"seed": seed, "batch_size": batch_size, "next_step": step}})
+    step = start
+    for lr_u8, hr_u8 in loader:
+        y = _to_float(lr_u8[:half], s.device, s.channels_last)  # (h,3,p,p) LR through G
+        x_real = _to_float(hr_u8[half:], s.device, s.channels_last)  # (h,3,4p,4p) reals for the critic
 
-        step = start
-        for lr_u8, hr_u8 in loader:
-            y = _to_float(lr_u8[:half], s.device, s.channels_last)  # (h,3,p,p) LR through G
-            x_real = _to_float(hr_u8[half:], s.device, s.channels_last)  # (h,3,4p,4p) reals for the critic
+        # Generator step; the critic is frozen so no critic gradients are computed.
+        _requires_grad(D, False)
+        with _autocast(s.device, amp):
+            sr = G_run(y)  # (h,3,4p,4p)
+            c_fake = D(sr)  # (h,)
+            with torch.no_grad():
+                c_real = D(x_real)  # (h,)
+        fid = fidelity_loss(y, sr)
+        adv_g = generator_adv_loss(c_fake, c_real, adv_loss)
+        loss_g = alpha * fid + adv_g
+        opt_g.zero_grad(set_to_none=True)
+        scaler.scale(loss_g).backward()
+        scaler.unscale_(opt_g)
+        gnorm_g = _grad_norm(params_g)
 
-            # Generator step; the critic is frozen so no critic gradients are computed.
-            _requires_grad(D, False)
-            with _autocast(s.device, amp):
-                sr = G_run(y)  # (h,3,4p,4p)
-                c_fake = D(sr)  # (h,)
-                with torch.no_grad():
-                    c_real = D(x_real)  # (h,)
-            fid = fidelity_loss(y, sr)
-            adv_g = generator_adv_loss(c_fake, c_real, adv_loss)
-            loss_g = alpha * fid + adv_g
-            opt_g.zero_grad(set_to_none=True)
-            scaler.scale(loss_g).backward()
-            scaler.unscale_(opt_g)
-            gnorm_g = _grad_norm(params_g)
+        # Critic step on the same fakes; R1 on the reals needs their gradient.
+        _requires_grad(D, True)
+        x_in = x_real.detach().requires_grad_(True)
+        with _autocast(s.device, amp):
+            c_real = D_run(x_in)  # (h,)
+            c_fake = D_run(sr.detach())  # (h,)
+        adv_d = critic_adv_loss(c_real, c_fake, adv_loss)
+        r1 = r1_penalty(c_real, x_in)
+        loss_d = adv_d + 0.5 * r1_gamma * r1
+        opt_d.zero_grad(set_to_none=True)
+        scaler.scale(loss_d).backward()
+        scaler.unscale_(opt_d)
+        gnorm_d = _grad_norm(params_d)
 
-            # Critic step on the same fakes; R1 on the reals needs their gradient.
-            _requires_grad(D, True)
-            x_in = x_real.detach().requires_grad_(True)
-            with _autocast(s.device, amp):
-                c_real = D_run(x_in)  # (h,)
-                c_fake = D_run(sr.detach())  # (h,)
-            adv_d = critic_adv_loss(c_real, c_fake, adv_loss)
-            r1 = r1_penalty(c_real, x_in)
-            loss_d = adv_d + 0.5 * r1_gamma * r1
-            opt_d.zero_grad(set_to_none=True)
-            scaler.scale(loss_d).backward()
-            scaler.unscale_(opt_d)
-            gnorm_d = _grad_norm(params_d)
-
-            stats = _all_mean([fid, adv_g, adv_d, r1, gnorm_g, gnorm_d, _finite_flag(loss_g, gnorm_g),
-                               _finite_flag(loss_d, gnorm_d)], s.info)
-            fid_v, adv_g_v, adv_d_v, r1_v, gnorm_g_v, gnorm_d_v, bad_g, bad_d = stats
-            lr_g_now, lr_d_now = opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
-            # Each network skips its own bad update; the step counts as skipped if either did.
-            if bad_g == 0:
-                scaler.step(opt_g)
-            if bad_d == 0:
-                scaler.step(opt_d)
-            scaler.update()
-            sched_g.step()
-            sched_d.step()
-            step += 1
-            skip = bad_g > 0 or bad_d > 0
-            meter.add({"fidelity": fid_v, "generator": adv_g_v, "critic": adv_d_v, "r1": r1_v,
-                       "grad_norm_g": gnorm_g_v, "grad_norm_d": gnorm_d_v}, skip)
-            progress.step()
-            if step % image_every == 0 and s.info.main:
-                png = monitor / f"step_{step:08d}.png"
-                _save_monitor(png, y.detach(), sr.detach(), _to_float(hr_u8[:half], s.device, False))
-                if tracker is not None:
-                    tracker.log_artifact(png, "monitor")
-            bad.update(skip, step)
-            if step % log_every == 0:
-                m = meter.means()
-                row = {"step": step, "epoch": _epoch_of(step, iters_per_epoch), "fidelity": m["fidelity"],
-                       "generator": m["generator"], "critic": m["critic"], "r1": m["r1"], "lr_g": lr_g_now,
-                       "lr_d": lr_d_now, "skipped": meter.skipped}
-                log.append(row)
-                progress.report(step, row["epoch"], {k: m[k] for k in ("fidelity", "generator", "critic", "r1")})
-                if tracker is not None and s.info.main:
-                    sps = meter.seconds_per_step()
-                    tracker.log_metrics({**{k: v for k, v in row.items() if k not in ("step", "epoch")},
-                                         "grad_norm_g": m["grad_norm_g"], "grad_norm_d": m["grad_norm_d"],
-                                         "skipped_total": bad.total, "step_time_s": sps,
-                                         "patches_per_s": batch_size / sps}, step)
-                meter.reset()
-            if step % ckpt_every == 0 or step == total or step == stop_after:
-                checkpoint(step)
-        progress.close()
-        if step < total:
-            if s.ckpt is None and step == 0:
-                checkpoint(step)
-            return s.ckpt_path
-        gen_path = s.out_dir / "generator.pt"
-        if s.info.main:
-            save_generator(gen_path, G, gen_cfg, {"stage": "train_gan", "steps": total, "seed": seed,
-                                                  "train_config": s.resolved, "torch": str(torch.__version__)})
+        stats = _all_mean([fid, adv_g, adv_d, r1, gnorm_g, gnorm_d, _finite_flag(loss_g, gnorm_g),
+                           _finite_flag(loss_d, gnorm_d)], s.info)
+        fid_v, adv_g_v, adv_d_v, r1_v, gnorm_g_v, gnorm_d_v, bad_g, bad_d = stats
+        lr_g_now, lr_d_now = opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
+        # Each network skips its own bad update; the step counts as skipped if either did.
+        if bad_g == 0:
+            scaler.step(opt_g)
+        if bad_d == 0:
+            scaler.step(opt_d)
+        scaler.update()
+        sched_g.step()
+        sched_d.step()
+        step += 1
+        skip = bad_g > 0 or bad_d > 0
+        meter.add({"fidelity": fid_v, "generator": adv_g_v, "critic": adv_d_v, "r1": r1_v,
+                   "grad_norm_g": gnorm_g_v, "grad_norm_d": gnorm_d_v}, skip)
+        progress.step()
+        if step % image_every == 0 and s.info.main:
+            png = monitor / f"step_{step:08d}.png"
+            _save_monitor(png, y.detach(), sr.detach(), _to_float(hr_u8[:half], s.device, False))
             if tracker is not None:
-                tracker.log_artifact(gen_path)
-        return gen_path
-    finally:
-        _teardown(s.info)
+                tracker.log_artifact(png, "monitor")
+        bad.update(skip, step)
+        if step % log_every == 0:
+            m = meter.means()
+            row = {"step": step, "epoch": _epoch_of(step, iters_per_epoch), "fidelity": m["fidelity"],
+                   "generator": m["generator"], "critic": m["critic"], "r1": m["r1"], "lr_g": lr_g_now,
+                   "lr_d": lr_d_now, "skipped": meter.skipped}
+            log.append(row)
+            progress.report(step, row["epoch"], {k: m[k] for k in ("fidelity", "generator", "critic", "r1")})
+            if tracker is not None and s.info.main:
+                sps = meter.seconds_per_step()
+                tracker.log_metrics({**{k: v for k, v in row.items() if k not in ("step", "epoch")},
+                                     "grad_norm_g": m["grad_norm_g"], "grad_norm_d": m["grad_norm_d"],
+                                     "skipped_total": bad.total, "step_time_s": sps,
+                                     "patches_per_s": batch_size / sps}, step)
+            meter.reset()
+        if step % ckpt_every == 0 or step == total or step == stop_after:
+            checkpoint(step)
+    progress.close()
+    if step < total:
+        if s.ckpt is None and step == 0:
+            checkpoint(step)
+        _finish(s.info)
+        return s.ckpt_path
+    gen_path = s.out_dir / "generator.pt"
+    if s.info.main:
+        save_generator(gen_path, G, gen_cfg, {"stage": "train_gan", "steps": total, "seed": seed,
+                                              "train_config": s.resolved, "torch": str(torch.__version__)})
+        if tracker is not None:
+            tracker.log_artifact(gen_path)
+    _finish(s.info)
+    return gen_path

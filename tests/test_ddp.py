@@ -1,0 +1,118 @@
+"""DistributedDataParallel on CPU: `torchrun --nproc_per_node=2` (gloo) against one process on the same global batch.
+
+The generator draws its training noise per rank, so two ranks cannot reproduce
+the single-process noise. The comparison therefore uses ``noise_init=0``: the
+first step is then noise-free; after it only the noise weights move apart (by
+at most about lr per Adam step, with a tiny effect on the output), so the
+losses and every other weight still match to float rounding. Both stages run
+in one torchrun call.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from srmap.checkpoint import load_checkpoint, save_generator
+from srmap.degrade import imresize
+from srmap.nets import Generator, generator_config
+from srmap.train import pretrain, train_gan
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_G = {"stem_width": 8, "feature_widths": [8, 8, 8], "stages": 1, "blocks_per_stage": 1, "compression": 4,
+          "kernel_size": 3, "noise_init": 0.0}
+TINY_C = {"in_size": 32, "widths": [8, 8], "blocks_per_stage": 1, "compression": 4, "kernel_size": 3,
+          "fc_widths": [8]}
+COMMON = dict(batch_size=4, lr_patch=8, betas=[0.5, 0.99], epochs=1, iters_per_epoch=3, milestones=[], lr_gamma=0.5,
+              ckpt_every=100, log_every=1, workers=0, max_bad_steps=3, amp=True, channels_last=True, compile=False,
+              device="cpu")
+
+WORKER = """
+import faulthandler, json, sys
+faulthandler.dump_traceback_later(150, exit=True)  # a hung collective shows its stack instead of a bare timeout
+from srmap.train import pretrain, train_gan
+args = json.loads(open(sys.argv[1]).read())
+pretrain(**args["pretrain"])
+train_gan(**args["train_gan"])
+"""
+
+
+def make_data(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for sub in ("hr", "lr"):
+        (root / sub).mkdir(parents=True)
+    for i in range(3):
+        coarse = rng.uniform(0, 255, (12, 16, 3)).astype(np.uint8)
+        hr = np.asarray(Image.fromarray(coarse).resize((64, 48), Image.BICUBIC))
+        np.save(root / "hr" / f"img{i}.npy", hr)
+        np.save(root / "lr" / f"img{i}.npy", imresize(hr, 0.25))
+    return root
+
+
+def stage_kwargs(data: Path, out: Path, init: Path) -> dict:
+    return {
+        "pretrain": dict(COMMON, data_dir=str(data), out_dir=str(out / "pretrain"), gen_cfg=TINY_G, seed=0, lr=1e-3),
+        "train_gan": dict(COMMON, data_dir=str(data), out_dir=str(out / "gan"), init_generator=str(init),
+                          gen_cfg=TINY_G, critic_cfg=TINY_C, seed=1, lr_g=1e-3, lr_d=1e-3, alpha=50.0, r1_gamma=1.0,
+                          adv_loss="softplus", image_every=2),
+    }
+
+
+def losses(path: Path) -> dict[str, np.ndarray]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
+
+
+@pytest.mark.timeout(300)
+def test_two_process_ddp_matches_single_process(tmp_path):
+    data = make_data(tmp_path / "data")
+    torch.manual_seed(3)
+    cfg = generator_config(TINY_G)
+    init = tmp_path / "init.pt"
+    save_generator(init, Generator(cfg), cfg, {"stage": "test"})
+
+    ddp_args = stage_kwargs(data, tmp_path / "ddp", init)
+    (tmp_path / "args.json").write_text(json.dumps(ddp_args))
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "worker.py"), str(tmp_path / "args.json")],
+                          env=env, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    single = stage_kwargs(data, tmp_path / "single", init)
+    pretrain(**single["pretrain"])
+    train_gan(**single["train_gan"])
+
+    for stage, keys in (("pretrain", ["l1"]), ("gan", ["fidelity", "generator", "critic", "r1"])):
+        d, s = losses(tmp_path / "ddp" / stage / "losses.csv"), losses(tmp_path / "single" / stage / "losses.csv")
+        assert list(d["step"]) == list(s["step"]) == [1, 2, 3]
+        for k in keys:
+            np.testing.assert_allclose(d[k], s[k], rtol=1e-4, err_msg=f"{stage} {k}")
+        ckpt = load_checkpoint(tmp_path / "ddp" / stage / "checkpoint.pt")
+        assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+        assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # ranks draw different noise
+        opts = json.loads((tmp_path / "ddp" / stage / "training_options.json").read_text())
+        assert opts["world_size"] == 2
+
+    lr, steps = 1e-3, 3
+    for stage in ("pretrain", "gan"):
+        d = load_checkpoint(tmp_path / "ddp" / stage / "generator.pt")["state_dict"]
+        s = load_checkpoint(tmp_path / "single" / stage / "generator.pt")["state_dict"]
+        for k in d:
+            # Noise weights see different noise per rank; Adam moves them by at most ~lr per step.
+            tol = 2 * lr * steps if ".noise." in k else 1e-5
+            torch.testing.assert_close(d[k], s[k], rtol=0, atol=tol, msg=f"{stage} weight {k}")
+    d, s = (load_checkpoint(tmp_path / run / "gan" / "checkpoint.pt")["D"] for run in ("ddp", "single"))
+    for k in d:
+        torch.testing.assert_close(d[k], s[k], rtol=0, atol=1e-5, msg=f"critic weight {k}")
+    # Rank 0 alone wrote the monitoring grids.
+    assert sorted(p.name for p in (tmp_path / "ddp" / "gan" / "monitor").iterdir()) == ["step_00000002.png"]
