@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from srmap.inference import read_rgb, write_png
-from srmap.metrics import LPIPS, diversity_score, lpips_of_maps, lr_psnr_to, ntire_crop, psnr, ssim
+from srmap.metrics import LPIPS, FidelityReference, diversity_score, lpips_of_maps, lr_psnr_to, ntire_crop
 from srmap.utils import atomic_path
 
 if TYPE_CHECKING:
@@ -128,14 +128,10 @@ def fidelity_scores(gt_uint8: np.ndarray, samples_uint8: Sequence[np.ndarray], *
     Takes uint8 HxWx3 arrays; returns PSNR, SSIM, PSNR_Y, SSIM_Y (dB / [-1, 1];
     PSNR inf for an exact copy).
     """
-    rows = []
-    for s in samples_uint8:
-        gt, sr = ntire_crop(gt_uint8, s)
-        rows.append([psnr(sr, gt, crop_border=crop_border), ssim(sr, gt, crop_border=crop_border),
-                     psnr(sr, gt, crop_border=crop_border, y_channel=True),
-                     ssim(sr, gt, crop_border=crop_border, y_channel=True)])
-    means = np.mean(np.array(rows, dtype=np.float64), axis=0)
-    return dict(zip(["PSNR", "SSIM", "PSNR_Y", "SSIM_Y"], (float(v) for v in means)))
+    pairs = [ntire_crop(gt_uint8, s) for s in samples_uint8]
+    ref = FidelityReference(np.ascontiguousarray(pairs[0][0]), crop_border=crop_border)
+    rows = [ref.scores(np.ascontiguousarray(sr)) for _, sr in pairs]
+    return {k: float(np.mean([r[k] for r in rows])) for k in ("PSNR", "SSIM", "PSNR_Y", "SSIM_Y")}
 
 
 def score_image(gt_uint8: np.ndarray, samples_uint8: list, lpips: LPIPS, *, crop_border: int = 4,

@@ -130,8 +130,11 @@ def test_lpips_identical_is_zero_and_matches_per_sample_official_call(untrained)
     def t(a):  # the NTIRE script's conversion
         return torch.Tensor(np.expand_dims(a.transpose([2, 0, 1]), axis=0).astype(np.float32)) / 255
 
+    import copy
+
+    plain = copy.deepcopy(untrained.model).to(memory_format=torch.contiguous_format)  # layout lpips builds
     for k, s in enumerate(samples):
-        official = untrained.model(2 * t(s) - 1, 2 * t(gt) - 1)  # (1,1,H,W), spatial=True
+        official = plain(2 * t(s) - 1, 2 * t(gt) - 1)  # (1,1,H,W), spatial=True
         torch.testing.assert_close(maps[k], official[0, 0].detach(), atol=1e-6, rtol=1e-5)
 
 
@@ -173,3 +176,13 @@ def test_spatial_maps_rejects_bad_input(untrained):
         untrained.spatial_maps(np.zeros((64, 64, 3), np.float32), [np.zeros((64, 64, 3), np.uint8)])
     with pytest.raises(ValueError, match="same shape"):
         untrained.spatial_maps(_rand(64, 64), [_rand(64, 72)])
+
+
+def test_fidelity_reference_equals_per_image_calls():
+    gt, sr = _rand(40, 44, 20), _rand(40, 44, 21)
+    got = metrics.FidelityReference(gt, crop_border=4).scores(sr)
+    assert got["PSNR"] == psnr(sr, gt, crop_border=4)
+    assert got["PSNR_Y"] == psnr(sr, gt, crop_border=4, y_channel=True)
+    assert got["SSIM"] == pytest.approx(ssim(sr, gt, crop_border=4), abs=1e-12)
+    assert got["SSIM_Y"] == pytest.approx(ssim(sr, gt, crop_border=4, y_channel=True), abs=1e-12)
+    assert metrics.FidelityReference(gt).scores(gt)["PSNR_Y"] == math.inf
