@@ -27,7 +27,6 @@ import csv
 import dataclasses
 import hashlib
 import io
-import json
 import math
 import os
 import random
@@ -45,7 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
-from srmap.checkpoint import load_checkpoint, save_checkpoint, save_generator, unwrap
+from srmap.checkpoint import load_checkpoint, save_checkpoint, save_generator
 from srmap.losses import critic_adv_loss, fidelity_loss, generator_adv_loss, l1_loss, r1_penalty
 from srmap.utils import atomic_path, atomic_write_json, atomic_write_text
 
@@ -284,8 +283,9 @@ def data_fingerprint(data_dir: Path) -> str:
     """A cheap content fingerprint of a prepared training folder (hr/*.npy, lr/*.npy, manifest.json).
 
     Hashes every file's relative path and size, all of every LR file and of
-    the manifest, and the first MiB of every HR file (an HR image changes only
-    with a new source, which changes its LR too). Returns a hex digest.
+    the manifest, and the first 64 KiB of every HR file (the LR is derived from
+    the HR, so a changed HR image shows in its LR). Reads about 1/16 of the
+    data; returns a hex digest.
     """
     h = hashlib.sha256()
     files = sorted(p for sub in ("hr", "lr") for p in (data_dir / sub).glob("*.npy"))
@@ -296,7 +296,7 @@ def data_fingerprint(data_dir: Path) -> str:
         rel = p.relative_to(data_dir).as_posix()
         h.update(f"{rel}\0{p.stat().st_size}\0".encode())
         with open(p, "rb") as f:
-            h.update(f.read(1 << 20) if rel.startswith("hr/") else f.read())
+            h.update(f.read(1 << 16) if rel.startswith("hr/") else f.read())
     return h.hexdigest()
 
 
@@ -556,6 +556,10 @@ def _begin(stage: str, out_dir: Any, resolved: dict, *, seed: int, channels_last
         if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("stage") != stage:
             _warn(info, f"{ckpt_path} is not a {stage} checkpoint (format {ckpt.get('format')!r}, stage "
                         f"{ckpt.get('stage')!r}); starting from scratch")
+            ckpt = None
+        elif int(ckpt["step"]) > total:
+            _warn(info, f"{ckpt_path} is at step {ckpt['step']}, past this run's {total} steps "
+                        f"(epochs x iters_per_epoch); NOT resuming, training {stage} from scratch")
             ckpt = None
         else:
             diff = config_diff(ckpt["config"], resolved)
