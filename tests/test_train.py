@@ -204,9 +204,12 @@ def test_changed_config_trains_from_scratch_but_more_epochs_resume(data_dir, tmp
     assert opts["resumed_from_step"] == 3
     assert [int(r["step"]) for r in read_csv(out / "losses.csv")] == [2, 4, 5, 6]
     with pytest.warns(RuntimeWarning, match=r"differs in: lr\b.*from scratch"):
-        pretrain(**pre_kw(data_dir, out, epochs=1, lr=2e-3))
+        pretrain(**pre_kw(data_dir, out, epochs=2, lr=2e-3))
     opts = json.loads((out / "training_options.json").read_text())
-    assert opts["resumed_from_step"] is None and load_checkpoint(out / "checkpoint.pt")["step"] == 3
+    assert opts["resumed_from_step"] is None and [int(r["step"]) for r in read_csv(out / "losses.csv")] == [2, 4, 6]
+    with pytest.warns(RuntimeWarning, match="past this run's 3 steps"):  # fewer epochs than already trained
+        pretrain(**pre_kw(data_dir, out, epochs=1, lr=2e-3))
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 3
 
 
 def test_changed_training_data_is_not_resumed(data_dir, tmp_path):
