@@ -108,6 +108,7 @@ rule train_gan:
         "srmap/data.py",
         "srmap/degrade.py",
         "srmap/checkpoint.py",
+        "srmap/inference.py",
         f"data/{PROFILE}/prepared",
         f"models/{PROFILE}/pretrain/generator.pt",
     output:

@@ -309,6 +309,19 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def code_fingerprint() -> str:
+    """SHA-256 over the source of the modules that define what a training step computes.
+
+    Part of the resume guard: when DVC re-runs a stage because this code changed,
+    a finished checkpoint from the old code must not be "resumed" into a result.
+    """
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for name in ("train.py", "losses.py", "nets.py", "degrade.py", "data.py", "checkpoint.py"):
+        h.update(name.encode() + b"\0" + (here / name).read_bytes())
+    return h.hexdigest()
+
+
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Keys whose values differ between two resolved configs, ignoring :data:`RESUME_FREE_KEYS`."""
     keys = (set(old) | set(new)) - RESUME_FREE_KEYS
@@ -663,7 +676,7 @@ def pretrain(*, data_dir, out_dir, gen_cfg, seed: int, batch_size: int, lr_patch
            "max_bad_steps": max_bad_steps, "amp": amp, "channels_last": channels_last, "compile": compile}
     _check_common(cfg)
     resolved = _plain({"stage": "pretrain", **cfg, "gen_cfg": gen_cfg, "data_dir": data_dir,
-                       "data_fingerprint": data_fingerprint(data_dir)})
+                       "data_fingerprint": data_fingerprint(data_dir), "code_sha256": code_fingerprint()})
     total = epochs * iters_per_epoch
     s = _begin("pretrain", out_dir, resolved, seed=seed, channels_last=channels_last, device=device, total=total)
     G = _prepare(Generator(gen_cfg), s.device, s.channels_last).train()
@@ -805,7 +818,8 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
         raise FileNotFoundError(f"init_generator {init_generator} does not exist (run the pretrain stage first)")
     resolved = _plain({"stage": "train_gan", **cfg, "gen_cfg": gen_cfg, "critic_cfg": critic_cfg,
                        "data_dir": data_dir, "data_fingerprint": data_fingerprint(data_dir),
-                       "init_generator": init_generator, "init_generator_sha256": file_sha256(init_generator)})
+                       "init_generator": init_generator, "init_generator_sha256": file_sha256(init_generator),
+                       "code_sha256": code_fingerprint()})
     total = epochs * iters_per_epoch
     s = _begin("train_gan", out_dir, resolved, seed=seed, channels_last=channels_last, device=device, total=total)
     G0 = load_generator(init_generator)
