@@ -101,25 +101,27 @@ def _tile_spans(size: int, tile: int, pad: int) -> list[tuple[int, int, int, int
 
 
 def upscale_tensor(G: "Generator", lr: "torch.Tensor", *, seed: int | None = None, noise_scale: float = 1.0,
-                   tile: int = 0, tile_pad: int = 16) -> "torch.Tensor":
+                   tile: int = 0, tile_pad: int | None = 16) -> "torch.Tensor":
     """Run the generator on ``lr`` float (N,3,h,w) in [0,1]; returns (N,3,4h,4w), unclamped, no grad.
 
     ``tile`` > 0 processes ``tile``-pixel LR blocks with ``tile_pad`` pixels of
-    context; ``tile_pad < G.receptive_radius`` warns, since tiles are then no
-    longer exact. ``seed=None`` draws one seed from torch's global RNG so all
-    tiles of the call still share the same noise field.
+    context (None: ``G.receptive_radius``, the smallest exact pad);
+    ``tile_pad < G.receptive_radius`` warns, since tiles are then no longer
+    exact. ``seed=None`` draws one seed from torch's global RNG so all tiles of
+    the call still share the same noise field.
     """
     import torch
 
     if lr.ndim != 4 or lr.shape[1] != 3:
         raise ValueError(f"upscale_tensor expects lr of shape (N,3,h,w), got {tuple(lr.shape)}")
+    radius = int(G.receptive_radius)
+    tile_pad = radius if tile_pad is None else tile_pad
     if tile < 0 or tile_pad < 0:
         raise ValueError(f"tile and tile_pad must be >= 0, got tile={tile}, tile_pad={tile_pad}")
     with torch.no_grad():
         h, w = lr.shape[-2:]
         if tile == 0 or (tile >= h and tile >= w):
             return G(lr, seed=seed, noise_scale=noise_scale)
-        radius = int(G.receptive_radius)
         if tile_pad < radius:
             warnings.warn(f"tile_pad={tile_pad} is below the generator's receptive radius ({radius} LR pixels): "
                           "tile seams will differ from the whole-image result", stacklevel=2)
@@ -138,7 +140,7 @@ def upscale_tensor(G: "Generator", lr: "torch.Tensor", *, seed: int | None = Non
 
 
 def upscale_image(G: "Generator", lr_uint8: np.ndarray, *, seed: int | None, noise_scale: float, tile: int,
-                  tile_pad: int, device: str, half: bool = False) -> np.ndarray:
+                  tile_pad: int | None, device: str, half: bool = False) -> np.ndarray:
     """Upscale a uint8 HxWx3 RGB image; returns uint8 (4H)x(4W)x3 (clamped to [0,1], x255, rounded half-to-even).
 
     ``G`` must already live on ``device``. ``half=True`` runs under float16
@@ -171,7 +173,7 @@ def output_names(stem: str, samples: int) -> list[str]:
 
 
 def upscale_command(inputs: Path, out: Path, checkpoint: Path, *, samples: int = 1, seed: int = 0,
-                    noise_scale: float = 1.0, tile: int = 0, tile_pad: int = 16, device: str = "cpu",
+                    noise_scale: float = 1.0, tile: int = 0, tile_pad: int | None = 16, device: str = "cpu",
                     half: bool = False) -> int:
     """What `srmap upscale` runs: upscale an image file or every image in a folder into the folder ``out``.
 

@@ -339,7 +339,8 @@ def _details_table(results: Mapping[str, Mapping]) -> str:
         s = results[m]
         cells = [_fmt(s[k], 4) if isinstance(s.get(k), float) else html.escape(str(s.get(k, "—"))) for k in keys]
         rows.append(f"<tr><td>{html.escape(m)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return (f'<div style="overflow-x:auto"><table><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table></div>")
 
 
 def _img_tag(path: Path, alt: str) -> str:

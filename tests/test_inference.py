@@ -40,6 +40,7 @@ def test_tiled_equals_untiled_with_noise(G):
     assert full.shape == (1, 3, 84, 108)
     tiled = upscale_tensor(G, lr, seed=7, noise_scale=1.0, tile=8, tile_pad=G.receptive_radius)
     torch.testing.assert_close(tiled, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(upscale_tensor(G, lr, seed=7, tile=8, tile_pad=None), tiled)  # None = the radius
     # Different seeds really change the output, so the comparison above is not vacuous.
     assert (upscale_tensor(G, lr, seed=8) - full).abs().max() > 1e-3
 
