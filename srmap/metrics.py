@@ -166,7 +166,8 @@ class _SSIMReference:
             s1 = _blur_valid(x * x) - mu1_sq
             s2 = sq2 - mu2_sq
             s12 = _blur_valid(x * r) - mu12
-            ssim_map = ((2 * mu12 + self.C1) * (2 * s12 + self.C2)) / ((mu1_sq + mu2_sq + self.C1) * (s1 + s2 + self.C2))
+            num = (2 * mu12 + self.C1) * (2 * s12 + self.C2)
+            ssim_map = num / ((mu1_sq + mu2_sq + self.C1) * (s1 + s2 + self.C2))
             vals.append(ssim_map.mean())
         return float(np.mean(vals))
 
@@ -276,7 +277,8 @@ class LPIPS:
             weights = _alexnet_weights_path()
             if not weights.is_file():
                 raise FileNotFoundError(
-                    f"LPIPS needs torchvision's AlexNet weights at {weights} (not found, and this code never downloads): "
+                    f"LPIPS needs torchvision's AlexNet weights at {weights} (not found; this code never "
+                    "downloads): "
                     f"fetch {ALEXNET_URL} into {weights.parent} (or set TORCH_HOME to a folder holding "
                     f"hub/checkpoints/{ALEXNET_FILE}), or use pretrained=False for numbers that are not comparable")
         import lpips
@@ -390,5 +392,6 @@ def lpips_of_maps(maps) -> list[float]:
     return [float(v) for v in arr.mean(axis=(1, 2), dtype=np.float64)]
 
 
-__all__ = ["ntire_crop", "psnr", "ssim", "FidelityReference", "y_channel", "lr_psnr", "lr_psnr_to", "LPIPS", "diversity_score",
+__all__ = ["ntire_crop", "psnr", "ssim", "FidelityReference", "y_channel", "lr_psnr", "lr_psnr_to", "LPIPS",
+           "diversity_score",
            "lpips_of_maps", "ALEXNET_FILE", "ALEXNET_URL"]

@@ -294,7 +294,8 @@ def figure4(loss_csvs: Mapping[str, Path], out: Path) -> None:
     if "train_gan" not in loss_csvs:
         raise ValueError("loss_csvs: missing key 'train_gan'")
     gan = _read_loss_csv(loss_csvs["train_gan"], GAN_COLUMNS)
-    panels = [(gan, "fidelity", r"Fidelity $\|y - \mathrm{down}(G(y))\|_1$", "lr_g"), (gan, "generator", "Generator", "lr_g"),
+    panels = [(gan, "fidelity", r"Fidelity $\|y - \mathrm{down}(G(y))\|_1$", "lr_g"),
+              (gan, "generator", "Generator", "lr_g"),
               (gan, "critic", "Critic (discriminator)", "lr_d")]
     if loss_csvs.get("pretrain") is not None:
         panels.insert(0, (_read_loss_csv(loss_csvs["pretrain"], PRETRAIN_COLUMNS), "l1", "Pretraining L1", "lr"))

@@ -164,11 +164,13 @@ def test_evaluate_stage_with_real_generators(tmp_path):
         _write(valid / "hr" / f"{stem}.png", hr)
         _write(valid / "lr" / f"{stem}.png", imresize(hr, 0.25))
     out = tmp_path / "eval"
-    res = evaluate_stage(valid_dir=valid, generators={BICUBIC: None, L1: tmp_path / "l1.pt", SRMAP: tmp_path / "gan.pt"},
+    generators = {BICUBIC: None, L1: tmp_path / "l1.pt", SRMAP: tmp_path / "gan.pt"}
+    res = evaluate_stage(valid_dir=valid, generators=generators,
                          out_dir=out, samples=3, noise_scale=1.0, crop_border=4, lpips_pretrained=False, tile=0,
                          tile_pad=16, device="cpu")
     assert list(res) == [BICUBIC, L1, SRMAP]
-    assert sorted(p.name for p in (out / "sr" / "srmap_ours").iterdir()) == [f"{s}_s{k}.png" for s in "ab" for k in range(3)]
+    expected = [f"{s}_s{k}.png" for s in "ab" for k in range(3)]
+    assert sorted(p.name for p in (out / "sr" / "srmap_ours").iterdir()) == expected
     assert sorted(p.name for p in (out / "sr" / method_slug(L1)).iterdir()) == ["a.png", "b.png"]
     bicubic = np.asarray(Image.open(out / "sr" / "bicubic" / "a.png"))
     np.testing.assert_array_equal(bicubic, imresize(np.asarray(Image.open(valid / "lr" / "a.png")), 4))
