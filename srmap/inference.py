@@ -189,6 +189,8 @@ def upscale_command(inputs: Path, out: Path, checkpoint: Path, *, samples: int =
     try:
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
+        if half and not str(device).startswith("cuda"):
+            raise ValueError(f"--half needs a CUDA device, got device={device!r}")
         files = _input_files(inputs)
         if not files:
             raise FileNotFoundError(f"{inputs}: no image files ({', '.join(IMAGE_SUFFIXES)})")

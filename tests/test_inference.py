@@ -159,3 +159,5 @@ def test_upscale_command_bad_checkpoint_or_input(tmp_path, capsys):
     assert "missing.pt" in capsys.readouterr().err
     assert upscale_command(tmp_path / "nowhere", tmp_path / "o", tmp_path / "missing.pt") == 2
     assert "nowhere" in capsys.readouterr().err
+    assert upscale_command(tmp_path / "x.png", tmp_path / "o", tmp_path / "missing.pt", half=True) == 2
+    assert "CUDA" in capsys.readouterr().err
