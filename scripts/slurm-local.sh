@@ -142,10 +142,11 @@ MpiDefault=none
 ReturnToService=2
 # No slurmdbd: sacct cannot work, so the snakemake plugin must poll squeue,
 # which it trusts only if finished jobs stay visible for >= 3 x its
-# init-seconds-before-status-checks (profiles/slurm uses 60 s).
+# init-seconds-before-status-checks (profiles/slurm uses 60 s); an hour keeps
+# a whole demo run on record for tests/test_slurm.py and for debugging.
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
-MinJobAge=600
+MinJobAge=3600
 StateSaveLocation=$STATE_DIR/spool/ctld
 SlurmdSpoolDir=$STATE_DIR/spool/slurmd
 SlurmctldPidFile=$RUN_DIR/slurmctld.pid
