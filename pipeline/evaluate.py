@@ -6,7 +6,6 @@ CSVs) and the DVC metrics file `results/<profile>/metrics.json`; logs the
 means to MLflow.
 """
 
-import re
 import sys
 from pathlib import Path
 
@@ -17,14 +16,14 @@ from srmap.utils import atomic_dir, atomic_write_json  # noqa: E402
 
 
 def main(ctx: StageContext) -> None:
-    from srmap.evaluate import evaluate_stage
+    from srmap.evaluate import BICUBIC, L1, SRMAP, evaluate_stage, method_slug
     from srmap.tracking import Tracker
 
     section = ctx.params["evaluate"]
     generators = {
-        "Bicubic": None,
-        "Generator w/ L1 (ours)": ctx.paths.pretrain / "generator.pt",
-        "SRMAP (ours)": ctx.paths.train_gan / "generator.pt",
+        BICUBIC: None,
+        L1: ctx.paths.pretrain / "generator.pt",
+        SRMAP: ctx.paths.train_gan / "generator.pt",
     }
     with Tracker(ctx.root, stage="evaluate", profile=ctx.profile, params={"evaluate": section}) as tracker:
         with atomic_dir(ctx.paths.results / "eval") as tmp:
@@ -34,8 +33,7 @@ def main(ctx: StageContext) -> None:
                                      tile=section["tile"], tile_pad=section["tile_pad"])
         atomic_write_json(ctx.paths.results / "metrics.json", results)
         for method, summary in results.items():
-            slug = re.sub(r"[^a-z0-9]+", "_", method.lower()).strip("_")
-            tracker.log_metrics({f"{slug}/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+            tracker.log_metrics({f"{method_slug(method)}/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
             if not section["lpips_pretrained"]:
                 tracker.set_tags({"lpips_backbone": "untrained (LPIPS and diversity not comparable)"})
         tracker.log_artifact(ctx.paths.results / "metrics.json")

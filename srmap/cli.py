@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=0, help="LR tile size in pixels; 0 = whole image [0]")
     p.add_argument("--tile-pad", type=int, default=16, help="LR context around each tile [16]")
     p.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
-    p.add_argument("--half", action="store_true", help="fp16/bf16 inference on CUDA")
+    p.add_argument("--half", action="store_true", help="fp16 autocast inference (CUDA only)")
     p.set_defaults(func=_cmd_upscale)
 
     p = sub.add_parser("evaluate", help="score SR results with the NTIRE 2021 'Learning the SR space' protocol",
