@@ -5,15 +5,15 @@
 # without a real cluster. Uses Debian's slurm-wlm and munge (installed with
 # apt-get when missing) and keeps every file it owns under one state
 # directory: config, munge key and socket, PID files, spool and logs.
-# Nothing outside it is touched except /etc/slurm/slurm.conf, which `up`
-# points at the generated config only when that path is free (so plain
-# `sinfo`/`sbatch` find the cluster) and `down` removes only if it is ours.
+# Nothing outside it is touched except /etc/slurm/slurm.conf: `up` makes it a
+# link to the generated config (jobs started by snakemake find the cluster only
+# there) and refuses if that path belongs to anything else; `down` removes the
+# link. Hence one local cluster at a time.
 #
 # Usage:
 #   scripts/slurm-local.sh up     [--state-dir DIR]   start (idempotent), wait for an idle node
 #   scripts/slurm-local.sh down   [--state-dir DIR] [--purge]   stop whatever is running
 #   scripts/slurm-local.sh status [--state-dir DIR]   daemons and sinfo
-#   scripts/slurm-local.sh env    [--state-dir DIR]   print `export SLURM_CONF=...`
 #
 # Environment: SRMAP_SLURM_STATE_DIR (default /tmp/srmap-slurm),
 # SRMAP_SLURM_MEM_MB (node RealMemory; default 80% of MemTotal),
@@ -43,8 +43,8 @@ while [[ $# -gt 0 ]]; do
         *) die "unknown argument '$1' (expected --state-dir DIR or --purge)" ;;
     esac
 done
-case $CMD in up|down|status|env) ;; -h|--help|help) usage; exit 0 ;;
-    *) die "unknown command '$CMD' (expected up, down, status or env)" ;; esac
+case $CMD in up|down|status) ;; -h|--help|help) usage; exit 0 ;;
+    *) die "unknown command '$CMD' (expected up, down or status)" ;; esac
 [[ $STATE_DIR == /* ]] || STATE_DIR=$(pwd -P)/$STATE_DIR
 # `down --purge` deletes STATE_DIR; refuse anything that could be a system dir.
 [[ $STATE_DIR != / && $(dirname "$STATE_DIR") != / ]] \
@@ -58,6 +58,8 @@ RUN_DIR=$STATE_DIR/run
 LOG_DIR=$STATE_DIR/log
 NODE=$(hostname -s)
 ETC_CONF=/etc/slurm/slurm.conf
+# This script's own sinfo/squeue/scancel reach this state dir's cluster even
+# while /etc/slurm/slurm.conf is not (yet) linked to it.
 export SLURM_CONF=$CONF
 
 # ------------------------------------------------------------ PID handling
@@ -175,24 +177,35 @@ EOF
     mv -f "$tmp" "$CONF"
 }
 
-any_daemon_running() {
-    daemon_pid "$MUNGE_DIR/munged.pid" "$MUNGED" >/dev/null \
-        || daemon_pid "$RUN_DIR/slurmctld.pid" "$SLURMCTLD" >/dev/null \
-        || daemon_pid "$RUN_DIR/slurmd.pid" "$SLURMD" >/dev/null
+any_daemon_running() { state_running "$STATE_DIR"; }
+
+state_running() {  # $1 = a state dir; true if any of its daemons is alive
+    daemon_pid "$1/munge/munged.pid" "$MUNGED" >/dev/null \
+        || daemon_pid "$1/run/slurmctld.pid" "$SLURMCTLD" >/dev/null \
+        || daemon_pid "$1/run/slurmd.pid" "$SLURMD" >/dev/null
 }
 
 link_etc_conf() {
-    # Plain `sinfo`/`sbatch` (and snakemake's plugin) read /etc/slurm/slurm.conf
-    # unless SLURM_CONF is set; point it at our config only if nobody else owns it.
-    if [[ -L $ETC_CONF && ! -e $ETC_CONF ]]; then
-        rm -f "$ETC_CONF"  # dangling link from an earlier, purged state dir
+    # snakemake-executor-plugin-slurm-jobstep strips SLURM_CONF from the
+    # environment of the srun it starts inside every job, so that srun finds the
+    # cluster only through the default path: /etc/slurm/slurm.conf must be ours.
+    local target other
+    if [[ -L $ETC_CONF ]]; then
+        target=$(readlink "$ETC_CONF")
+        [[ $target == "$CONF" ]] && return 0
+        other=$(dirname "$(dirname "$target")")
+        if [[ -e $other/.srmap-slurm-state ]]; then
+            state_running "$other" \
+                && die "another local cluster is up (state dir $other); stop it first: $PROG down --state-dir $other"
+        elif [[ -e $target ]]; then
+            die "$ETC_CONF links to $target, which $PROG did not create; jobs would use that cluster (the jobstep plugin ignores SLURM_CONF), so remove the link or use that cluster"
+        fi
+        rm -f "$ETC_CONF"  # left over from a stopped or purged local cluster
+    elif [[ -e $ETC_CONF ]]; then
+        die "$ETC_CONF exists and was not written by $PROG; jobs would use that cluster (the jobstep plugin ignores SLURM_CONF), so move it away or use that cluster"
     fi
-    if [[ ! -e $ETC_CONF && ! -L $ETC_CONF ]]; then
-        mkdir -p "$(dirname "$ETC_CONF")"
-        ln -s "$CONF" "$ETC_CONF"
-    elif [[ $(readlink "$ETC_CONF" || true) != "$CONF" ]]; then
-        log "note: $ETC_CONF belongs to another setup; run 'export SLURM_CONF=$CONF' before using SLURM commands"
-    fi
+    mkdir -p "$(dirname "$ETC_CONF")"
+    ln -s "$CONF" "$ETC_CONF"
 }
 
 # ------------------------------------------------------------------ daemons
@@ -263,12 +276,12 @@ cmd_up() {
     chmod 0755 "$STATE_DIR"
     touch "$MARKER"
     write_conf
+    link_etc_conf
     start_munged
     start_slurmctld
     start_slurmd
-    link_etc_conf
     wait_idle
-    log "up; state in $STATE_DIR (export SLURM_CONF=$CONF)"
+    log "up; state in $STATE_DIR, config linked from $ETC_CONF"
 }
 
 cancel_jobs() {
@@ -326,5 +339,4 @@ case $CMD in
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
-    env) echo "export SLURM_CONF=$CONF" ;;
 esac

@@ -251,18 +251,8 @@ def squeue_records(cluster: Cluster) -> dict[str, tuple[str, str]]:
 
 
 @pytest.mark.slurm
-def test_up_is_idempotent(cluster):
-    before = cluster.pids()
-    assert set(before) == {"munged", "slurmctld", "slurmd"}
-    proc = cluster.script("up")
-    assert proc.returncode == 0, proc.stdout
-    assert cluster.pids() == before, "a second `up` must not start new daemons"
-    state = run(["sinfo", "-h", "-N", "-o", "%T"], ROOT, cluster.env(), 30).stdout.split()
-    assert state and state[0] in ("idle", "mixed", "allocated"), state
-
-
-@pytest.mark.slurm
 def test_down_stops_a_half_up_cluster():
+    # Runs before the module's `cluster` fixture starts: one local cluster at a time.
     c = start_cluster(state_dir("slurm-half"))
     try:
         pids = c.pids()
@@ -277,6 +267,17 @@ def test_down_stops_a_half_up_cluster():
     finally:
         c.script("down", "--purge")
     assert not c.state.exists()
+
+
+@pytest.mark.slurm
+def test_up_is_idempotent(cluster):
+    before = cluster.pids()
+    assert set(before) == {"munged", "slurmctld", "slurmd"}
+    proc = cluster.script("up")
+    assert proc.returncode == 0, proc.stdout
+    assert cluster.pids() == before, "a second `up` must not start new daemons"
+    state = run(["sinfo", "-h", "-N", "-o", "%T"], ROOT, cluster.env(), 30).stdout.split()
+    assert state and state[0] in ("idle", "mixed", "allocated"), state
 
 
 @pytest.mark.slurm
