@@ -5,10 +5,18 @@
 #   snakemake --config profile=paper
 # Per-stage resources (GPUs, CPUs, memory, runtime) come from params.yaml.
 
+import sys
+
 configfile: "params.yaml"
 
-PROFILE = config["profile"]
-P = config[PROFILE]
+# The same validation as the stage scripts: one line naming the key, then exit.
+sys.path.insert(0, workflow.basedir)
+from srmap.config import ConfigError, validate
+
+try:
+    PROFILE, P = validate(config)
+except ConfigError as exc:
+    sys.exit(f"snakemake: error: {exc}")
 
 
 def res(stage, key):

@@ -92,6 +92,14 @@ def load_params(path: str | Path, profile: str | None = None) -> tuple[str, dict
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{fname}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    return validate(doc, profile, fname)
+
+
+def validate(doc: Any, profile: str | None = None, fname: str = "params.yaml") -> tuple[str, dict]:
+    """Validate a loaded params document; return ``(profile_name, profile_section)``.
+
+    ``profile`` overrides the document's ``profile`` key. Raises ConfigError.
+    """
     if not isinstance(doc, dict):
         raise ConfigError(f"{fname}: expected a mapping at the top level, got {type(doc).__name__}")
     if "profile" not in doc:

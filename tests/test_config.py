@@ -103,3 +103,12 @@ def test_paths_are_per_profile():
     for attr in ("hr", "prepared", "pretrain", "train_gan", "results", "report"):
         assert getattr(a, attr) != getattr(b, attr)
         assert "demo" in getattr(a, attr).parts
+
+
+def test_snakemake_rejects_an_unknown_profile_in_one_line():
+    from conftest import tool_env
+
+    proc = subprocess.run(["snakemake", "-n", "--cores", "1", "--config", "profile=huge"], cwd=ROOT,
+                          env=tool_env(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "snakemake: error: params.yaml: unknown profile 'huge' (expected one of: demo, paper)" in proc.stderr
