@@ -36,7 +36,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -615,6 +615,24 @@ def _restore_rng(s: _Setup, seed: int) -> None:
         _seed_all(seed + int(s.ckpt["step"]), s.info.rank + 1)
 
 
+def _conclude(s: _Setup, stage: str, step: int, checkpoint: Callable[[int], None], G: nn.Module, gen_cfg: Any,
+              seed: int, tracker) -> Path:
+    """End a stage: the checkpoint path when stopped early, else write (rank 0) and return generator.pt."""
+    if step < s.total:
+        if s.ckpt is None and step == 0:
+            checkpoint(step)  # stop_after=0: the caller still gets a checkpoint
+        _finish(s.info)
+        return s.ckpt_path
+    gen_path = s.out_dir / "generator.pt"
+    if s.info.main:
+        save_generator(gen_path, G, gen_cfg, {"stage": stage, "steps": s.total, "seed": seed,
+                                              "train_config": s.resolved, "torch": str(torch.__version__)})
+        if tracker is not None:
+            tracker.log_artifact(gen_path)
+    _finish(s.info)
+    return gen_path
+
+
 def _clear_monitor(folder: Path, after_step: int) -> None:
     # Grids from a discarded or interrupted run would otherwise mix with new ones.
     if not folder.is_dir():
@@ -759,19 +777,7 @@ def pretrain(*, data_dir, out_dir, gen_cfg, seed: int, batch_size: int, lr_patch
         if step % ckpt_every == 0 or step == total or step == stop_after:
             checkpoint(step)
     progress.close()
-    if step < total:
-        if s.ckpt is None and step == 0:
-            checkpoint(step)  # stop_after=0: the caller still gets a checkpoint
-        _finish(s.info)
-        return s.ckpt_path
-    gen_path = s.out_dir / "generator.pt"
-    if s.info.main:
-        save_generator(gen_path, G, gen_cfg, {"stage": "pretrain", "steps": total, "seed": seed,
-                                              "train_config": s.resolved, "torch": str(torch.__version__)})
-        if tracker is not None:
-            tracker.log_artifact(gen_path)
-    _finish(s.info)
-    return gen_path
+    return _conclude(s, "pretrain", step, checkpoint, G, gen_cfg, seed, tracker)
 
 
 # ---------------------------------------------------------------------------
@@ -957,16 +963,4 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
         if step % ckpt_every == 0 or step == total or step == stop_after:
             checkpoint(step)
     progress.close()
-    if step < total:
-        if s.ckpt is None and step == 0:
-            checkpoint(step)
-        _finish(s.info)
-        return s.ckpt_path
-    gen_path = s.out_dir / "generator.pt"
-    if s.info.main:
-        save_generator(gen_path, G, gen_cfg, {"stage": "train_gan", "steps": total, "seed": seed,
-                                              "train_config": s.resolved, "torch": str(torch.__version__)})
-        if tracker is not None:
-            tracker.log_artifact(gen_path)
-    _finish(s.info)
-    return gen_path
+    return _conclude(s, "train_gan", step, checkpoint, G, gen_cfg, seed, tracker)
