@@ -280,7 +280,8 @@ class LPIPS:
                     f"LPIPS needs torchvision's AlexNet weights at {weights} (not found; this code never "
                     "downloads): "
                     f"fetch {ALEXNET_URL} into {weights.parent} (or set TORCH_HOME to a folder holding "
-                    f"hub/checkpoints/{ALEXNET_FILE}), or, offline, use an untrained backbone (srmap evaluate --untrained-lpips; params evaluate.lpips_pretrained: false) whose numbers are not comparable")
+                    f"hub/checkpoints/{ALEXNET_FILE}), or, offline, use an untrained backbone (srmap evaluate "
+                    "--untrained-lpips; params evaluate.lpips_pretrained: false) whose numbers are not comparable")
         import lpips
 
         with _quiet_torchvision_legacy_args(), torch.random.fork_rng(devices=[]):
