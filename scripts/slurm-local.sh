@@ -115,7 +115,8 @@ ensure_packages() {
 # ------------------------------------------------------------------- config
 write_conf() {
     local cpus mem_mb tmp
-    cpus=${SRMAP_SLURM_CPUS:-$(nproc)}
+    # nproc obeys OMP_NUM_THREADS, which callers often set to 1 for their own process.
+    cpus=${SRMAP_SLURM_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}
     # slurmd drains a node whose RealMemory exceeds what it finds, so stay below it.
     mem_mb=${SRMAP_SLURM_MEM_MB:-$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.8}' /proc/meminfo)}
     [[ $cpus =~ ^[1-9][0-9]*$ ]] || die "SRMAP_SLURM_CPUS='$cpus' is not a positive integer"
