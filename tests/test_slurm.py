@@ -231,9 +231,14 @@ def slurm_run(cluster, tmp_path_factory):
     """A fresh clone on which `snakemake --profile slurm` ran the demo through the cluster."""
     clone = clone_repo(Path(tmp_path_factory.mktemp("slurm-e2e")) / "srmap")
     t0 = time.monotonic()
+    # Snakemake exports OMP_NUM_THREADS=<rule threads> to each job while `dvc repro`
+    # passes on the caller's; give every rule the reference run's thread count so
+    # both runs do the same float arithmetic and their reports can be compared.
+    threads = tool_env()["OMP_NUM_THREADS"]
     # Poll every 5 s instead of the profile's 60 s: jobs here are short and the
     # cluster keeps finished jobs in squeue for 3600 s (>= 3 x 5).
-    proc = run([str(VENV_BIN / "snakemake"), "--profile", "slurm", "--slurm-init-seconds-before-status-checks", "5"],
+    proc = run([str(VENV_BIN / "snakemake"), "--profile", "slurm", "--set-threads", *[f"{r}={threads}" for r in RULES],
+                "--slurm-init-seconds-before-status-checks", "5"],
                clone, cluster.env(clone), SLURM_RUN_TIMEOUT_S)
     (clone / "slurm-run.log").write_text(proc.stdout)
     jobs = run(["squeue", "--states=all", "--format=%i|%T|%k|%S|%e|%M"], ROOT, cluster.env(), 60)
@@ -313,7 +318,7 @@ def cells_match(a: str, b: str) -> bool:
 
 @pytest.mark.slurm
 def test_report_matches_the_dvc_run(slurm_run, demo_run):
-    # Same code, seeds, params and OMP_NUM_THREADS: only the scheduler differs.
+    # Same code, seeds, params and thread count: only the scheduler differs.
     ours = json.loads((slurm_run / "results" / "demo" / "metrics.json").read_text())
     ref = json.loads((demo_run / "results" / "demo" / "metrics.json").read_text())
     assert set(ours) == set(ref)
