@@ -43,10 +43,12 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout_s: int) -> subpr
 
 
 def tail(text: str, n: int = 6000) -> str:
+    """The last `n` characters of a command's output, for assertion messages."""
     return text[-n:]
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -68,6 +70,7 @@ def copy_worktree(dest: Path) -> Path:
 # ---------------------------------------------------------------- no cluster needed
 
 def profile_keys(name: str) -> dict:
+    """profiles/<name>/config.yaml as a dict."""
     return yaml.safe_load((ROOT / "profiles" / name / "config.yaml").read_text())
 
 
@@ -160,6 +163,7 @@ def test_slurm_local_rejects_bad_arguments(tmp_path):
 # ------------------------------------------------------------ local SLURM cluster
 
 def cannot_start_reason() -> str | None:
+    """Why scripts/slurm-local.sh cannot work here, or None if it should."""
     if os.name != "posix" or not Path("/proc/self/exe").exists():
         return "needs Linux"
     if os.geteuid() != 0:
@@ -185,22 +189,26 @@ class Cluster:
         self.conf = state / "etc" / "slurm.conf"
 
     def env(self, root: Path | None = None) -> dict[str, str]:
+        """tool_env for `root` plus SLURM_CONF (for client commands) and the cluster's ports."""
         return tool_env(root, SLURM_CONF=str(self.conf), **self.ports)
 
     def script(self, *args: str, timeout_s: int = 120) -> subprocess.CompletedProcess:
+        """Run scripts/slurm-local.sh with `args` on this cluster's state dir."""
         return run([str(SCRIPT), *args, "--state-dir", str(self.state)], ROOT, self.env(), timeout_s)
 
     def pids(self) -> dict[str, int]:
+        """{daemon: pid} from the PID files that exist."""
         files = {"munged": self.state / "munge" / "munged.pid", "slurmctld": self.state / "run" / "slurmctld.pid",
                  "slurmd": self.state / "run" / "slurmd.pid"}
         return {k: int(f.read_text()) for k, f in files.items() if f.exists()}
 
 
 def start_cluster(state: Path) -> Cluster:
+    """`up` a cluster in `state`; skips (fails under CI) when that is impossible."""
     reason = cannot_start_reason()
     if reason:
         skip_or_fail(reason)
-    # Own ports so a cluster the developer already runs (6817/6818) is left alone.
+    # Free ports: the default 6817/6818 may be taken by something else on this machine.
     cluster = Cluster(state, {"SRMAP_SLURM_CTLD_PORT": str(free_port()), "SRMAP_SLURM_SLURMD_PORT": str(free_port())})
     proc = cluster.script("up", timeout_s=900)  # may apt-get install slurm-wlm munge first
     if proc.returncode != 0:
@@ -219,6 +227,7 @@ def state_dir(tag: str) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster():
+    """The module's cluster, torn down (and its state dir deleted) however the tests end."""
     c = start_cluster(state_dir("slurm"))
     try:
         yield c
