@@ -77,7 +77,8 @@ rule degrade:
         f"logs/{PROFILE}/degrade.log",
     threads: int(P["data"]["workers"])
     resources:
-        cpus_per_task=int(P["data"]["workers"]), mem_mb=8000, runtime=120,
+        # each worker holds one decoded HR image (a DIV2K image is ~8 MB) plus its resize buffers
+        cpus_per_task=int(P["data"]["workers"]), mem_mb=2000 * max(1, int(P["data"]["workers"])), runtime=120,
     shell:
         RUN + "python pipeline/degrade.py --profile " + PROFILE + " 2>&1 | tee -a {log}"
 
