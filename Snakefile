@@ -51,6 +51,7 @@ rule download:
         "srmap/download.py",
         "srmap/div2k.json",
         "srmap/data.py",
+        "srmap/degrade.py",
     output:
         directory(f"data/{PROFILE}/hr"),
     params:
@@ -145,6 +146,7 @@ rule evaluate:
         "srmap/inference.py",
         "srmap/degrade.py",
         "srmap/nets.py",
+        "srmap/checkpoint.py",
         f"data/{PROFILE}/prepared",
         f"models/{PROFILE}/pretrain/generator.pt",
         f"models/{PROFILE}/train_gan/generator.pt",
@@ -166,6 +168,9 @@ rule report:
     input:
         "pipeline/report.py",
         "srmap/report.py",
+        "srmap/evaluate.py",
+        "srmap/metrics.py",
+        "srmap/inference.py",
         "reports/published.csv",
         f"results/{PROFILE}/metrics.json",
         f"results/{PROFILE}/eval",
