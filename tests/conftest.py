@@ -28,6 +28,25 @@ def tool_env(root: Path | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
+def make_prepared(root: Path, n: int = 3) -> Path:
+    """``n`` smooth random 48x64 HR images and their MATLAB-bicubic x4 LR as .npy, laid out
+    as the degrade stage stores a training split (root/hr, root/lr)."""
+    import numpy as np
+    from PIL import Image
+
+    from srmap.degrade import imresize
+
+    rng = np.random.default_rng(0)
+    for sub in ("hr", "lr"):
+        (root / sub).mkdir(parents=True)
+    for i in range(n):
+        coarse = rng.uniform(0, 255, (12, 16, 3)).astype(np.uint8)
+        hr = np.asarray(Image.fromarray(coarse).resize((64, 48), Image.BICUBIC))
+        np.save(root / "hr" / f"img{i}.npy", hr)
+        np.save(root / "lr" / f"img{i}.npy", imresize(hr, 0.25))
+    return root
+
+
 def clone_repo(dest: Path) -> Path:
     """`git clone` this repository's committed HEAD into ``dest`` (what a new user gets)."""
     subprocess.run(["git", "clone", "-q", str(ROOT), str(dest)], check=True)

@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from conftest import make_prepared
 from srmap.checkpoint import load_checkpoint, save_generator
-from srmap.degrade import imresize
 from srmap.nets import Generator, generator_config
 from srmap.train import pretrain, train_gan
 
@@ -44,18 +43,6 @@ train_gan(**args["train_gan"])
 """
 
 
-def make_data(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for sub in ("hr", "lr"):
-        (root / sub).mkdir(parents=True)
-    for i in range(3):
-        coarse = rng.uniform(0, 255, (12, 16, 3)).astype(np.uint8)
-        hr = np.asarray(Image.fromarray(coarse).resize((64, 48), Image.BICUBIC))
-        np.save(root / "hr" / f"img{i}.npy", hr)
-        np.save(root / "lr" / f"img{i}.npy", imresize(hr, 0.25))
-    return root
-
-
 def stage_kwargs(data: Path, out: Path, init: Path) -> dict:
     return {
         "pretrain": dict(COMMON, data_dir=str(data), out_dir=str(out / "pretrain"), gen_cfg=TINY_G, seed=0, lr=1e-3),
@@ -73,7 +60,7 @@ def losses(path: Path) -> dict[str, np.ndarray]:
 
 @pytest.mark.timeout(300)
 def test_two_process_ddp_matches_single_process(tmp_path):
-    data = make_data(tmp_path / "data")
+    data = make_prepared(tmp_path / "data")
     torch.manual_seed(3)
     cfg = generator_config(TINY_G)
     init = tmp_path / "init.pt"

@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import make_prepared
 from srmap.checkpoint import load_checkpoint, save_checkpoint, save_generator
-from srmap.degrade import imresize
 from srmap.nets import Generator, generator_config
 from srmap.train import (
     GAN_COLUMNS,
@@ -40,16 +40,7 @@ TINY_C = {"in_size": 32, "widths": [8, 8], "blocks_per_stage": 1, "compression":
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """Three smooth random 48x64 HR images and their MATLAB-bicubic x4 LR, as the degrade stage stores them."""
-    root = tmp_path_factory.mktemp("prepared")
-    rng = np.random.default_rng(0)
-    for sub in ("hr", "lr"):
-        (root / sub).mkdir()
-    for i in range(3):
-        coarse = rng.uniform(0, 255, (12, 16, 3)).astype(np.uint8)
-        hr = np.asarray(Image.fromarray(coarse).resize((64, 48), Image.BICUBIC))
-        np.save(root / "hr" / f"img{i}.npy", hr)
-        np.save(root / "lr" / f"img{i}.npy", imresize(hr, 0.25))
-    return root
+    return make_prepared(tmp_path_factory.mktemp("prepared"))
 
 
 @pytest.fixture(scope="module")
