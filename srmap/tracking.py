@@ -44,6 +44,15 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
+def _probe(uri: str, timeout: float = 3.0) -> None:
+    """Raise OSError unless an MLflow server answers at ``uri`` within ``timeout`` seconds."""
+    import urllib.request
+
+    with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+        if r.status != 200:
+            raise OSError(f"{uri}/health answered HTTP {r.status}")
+
+
 class Tracker:
     """A context manager around one MLflow run; every call is safe when the store is down.
 
@@ -79,9 +88,15 @@ class Tracker:
         self._safe(self._client.set_terminated, self.run_id, status)
 
     def _start(self) -> None:
+        uri = default_tracking_uri(self.root)
+        if uri.startswith(("http://", "https://")):
+            # MLflow's own client retries a dead server with backoff for minutes;
+            # a training stage should notice in seconds and carry on without it.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            _probe(uri)
         from mlflow.tracking import MlflowClient
 
-        uri = default_tracking_uri(self.root)
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(EXPERIMENT)
         if exp is None:
