@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from srmap.inference import read_rgb, write_png
+from srmap.data import write_png
+from srmap.inference import read_rgb
 from srmap.metrics import LPIPS, FidelityReference, diversity_score, lpips_of_maps, lr_psnr_to, ntire_crop
 from srmap.utils import atomic_path
 

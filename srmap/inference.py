@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from srmap.utils import atomic_path
+from srmap.data import write_png
 
 if TYPE_CHECKING:
     import torch
@@ -48,16 +48,6 @@ def read_rgb(path: str | Path) -> np.ndarray:
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as exc:
         raise ValueError(f"{path}: cannot decode image ({exc})") from exc
-
-
-def write_png(path: str | Path, img: np.ndarray) -> None:
-    """Write a uint8 HxWx3 RGB array as PNG, atomically (temp file renamed on success)."""
-    from PIL import Image
-
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"{path}: expected a uint8 HxWx3 image, got {img.dtype} {img.shape}")
-    with atomic_path(path) as tmp:
-        Image.fromarray(img).save(tmp, format="PNG")
 
 
 def load_generator(path: str | Path, device: str = "cpu") -> "Generator":

@@ -154,9 +154,11 @@ class Tracker:
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Copy a file into the run's artifacts."""
-        self._safe(self._client.log_artifact if self._client else None, self.run_id, str(path), artifact_path)
+        if self._client is not None:
+            self._safe(self._client.log_artifact, self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set string tags on the run."""
         for k, v in tags.items():
-            self._safe(self._client.set_tag if self._client else None, self.run_id, k, str(v))
+            if self._client is not None:
+                self._safe(self._client.set_tag, self.run_id, k, str(v))
