@@ -38,7 +38,6 @@ SCHEMA: dict[str, Any] = {
     "report": {"crop_size": int, "seed": int},
 }
 CHOICES = {"data.source": ("skimage", "div2k"), "train_gan.adv_loss": ("softplus", "hinge")}
-STAGES = ("download", "degrade", "pretrain", "train_gan", "evaluate", "report")
 
 
 class ConfigError(ValueError):

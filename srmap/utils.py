@@ -69,18 +69,45 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``path``; on success it replaces ``path``.
 
     A stage that fails half-way leaves no folder under the final name, so a
-    workflow engine can never mistake partial output for a finished result.
+    workflow engine can never mistake partial output for a finished result. An
+    existing folder at ``path`` is first renamed aside, so ``path`` is only
+    missing between two renames, never half-deleted. The folder is created
+    with the user's umask. On an exception the temporary folder is removed.
     """
     import shutil
+    import uuid
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
     try:
         yield tmp
         if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sha256_file(path: str | os.PathLike, *, progress: bool = False) -> str:
+    """Hex SHA-256 digest (64 lowercase hex chars) of the file at ``path``, read in 1 MiB chunks.
+
+    ``progress`` shows a tqdm bar in bytes. Raises OSError if the file cannot be read.
+    """
+    import hashlib
+
+    from tqdm import tqdm
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, unit_divisor=1024,
+                                     desc=f"sha256 {Path(path).name}", disable=not progress) as bar:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest()
