@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from srmap.checkpoint import load_checkpoint, save_checkpoint, save_generator
 from srmap.losses import critic_adv_loss, fidelity_loss, generator_adv_loss, l1_loss, r1_penalty
-from srmap.utils import atomic_path, atomic_write_json, atomic_write_text, sha256_file
+from srmap.utils import atomic_path, atomic_write_json, atomic_write_text, import_closure, sha256_file
 
 CHECKPOINT_FORMAT = "srmap-train/1"
 PRETRAIN_COLUMNS = ("step", "epoch", "l1", "lr", "skipped")
@@ -301,15 +301,16 @@ def data_fingerprint(data_dir: Path) -> str:
 
 
 def code_fingerprint() -> str:
-    """SHA-256 over the source of the modules that define what a training step computes.
+    """SHA-256 over the source of this module and every ``srmap`` module it imports (its import closure).
 
     Part of the resume guard: when DVC re-runs a stage because this code changed,
     a finished checkpoint from the old code must not be "resumed" into a result.
+    The training stages declare these same files as deps (tests/test_workflow.py).
     """
     h = hashlib.sha256()
-    here = Path(__file__).resolve().parent
-    for name in ("train.py", "losses.py", "nets.py", "degrade.py", "data.py", "checkpoint.py"):
-        h.update(name.encode() + b"\0" + (here / name).read_bytes())
+    here = Path(__file__).resolve()
+    for path in sorted({here, *import_closure(here)}):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes, project root, device choice."""
+"""Small shared helpers: atomic file writes, file hashes, project root, device choice, import closure."""
 
 from __future__ import annotations
 
@@ -53,6 +53,39 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def project_root() -> Path:
     """The repository root (the folder that holds ``params.yaml``), found from this file."""
     return Path(__file__).resolve().parents[1]
+
+
+def import_closure(script: str | os.PathLike) -> list[Path]:
+    """The ``srmap/*.py`` modules that ``script`` imports, directly or through each other, sorted.
+
+    Static: every ``import srmap.x`` / ``from srmap(.x) import y`` anywhere in the
+    AST counts, lazy imports inside functions included. ``script`` itself is not
+    in the result unless something imports it. Paths are absolute files of this
+    package. This is the code a pipeline stage depends on (dvc.yaml and the
+    Snakefile declare exactly these) and what training fingerprints.
+    """
+    import ast
+
+    pkg = Path(__file__).resolve().parent
+
+    def direct(path: Path) -> set[Path]:
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        parts = (n.split(".") for n in names)
+        files = (pkg / f"{p[1]}.py" for p in parts if len(p) == 2 and p[0] == pkg.name)
+        return {f for f in files if f.is_file()}
+
+    seen: set[Path] = set()
+    todo = [Path(script).resolve()]
+    while todo:
+        for dep in direct(todo.pop()) - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return sorted(seen)
 
 
 def pick_device(requested: str | None = None) -> "str":
