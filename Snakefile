@@ -28,11 +28,12 @@ with open(f"{workflow.basedir}/dvc.yaml") as f:
 
 
 def tracked(stage):
-    """{key: value} of the params dvc.yaml's `stage` tracks (`${profile}.data.scale` style keys)."""
+    """{key: value} of the params dvc.yaml's `stage` tracks, keyed as dvc.lock records them ("demo.data.scale")."""
     values = {}
     for key in DVC_STAGES[stage]["params"]:
+        key = key.replace("${profile}", PROFILE)
         node = config
-        for part in key.replace("${profile}", PROFILE).split("."):
+        for part in key.split("."):
             node = node[part]
         values[key] = node
     return values
@@ -54,6 +55,9 @@ def resources(stage):
         r["gpu"] = res(stage, "gpus")
     return r
 
+
+# Software for `--sdm conda` (every rule); by default jobs use the current environment (make setup's .venv).
+CONDA_ENV = "envs/srmap.yaml"
 
 # Each job records where it ran, so a cluster run can be audited per rule.
 RUN = 'echo "host=$(hostname) SLURM_JOB_ID=${{SLURM_JOB_ID:-none}}" > {log}; '
@@ -81,8 +85,10 @@ rule download:
         f"logs/{PROFILE}/download.log",
     resources:
         **resources("download"),
+    conda:
+        CONDA_ENV
     shell:
-        RUN + "python pipeline/download.py --profile " + PROFILE + " 2>&1 | tee -a {log}"
+        f"{RUN}python pipeline/download.py --profile {PROFILE} 2>&1 | tee -a {{log}}"
 
 
 rule degrade:
@@ -103,8 +109,10 @@ rule degrade:
     resources:
         # each worker holds one decoded HR image (a DIV2K image is ~8 MB) plus its resize buffers
         cpus_per_task=int(P["data"]["workers"]), mem_mb=2000 * max(1, int(P["data"]["workers"])), runtime=120,
+    conda:
+        CONDA_ENV
     shell:
-        RUN + "python pipeline/degrade.py --profile " + PROFILE + " 2>&1 | tee -a {log}"
+        f"{RUN}python pipeline/degrade.py --profile {PROFILE} 2>&1 | tee -a {{log}}"
 
 
 rule pretrain:
@@ -133,8 +141,10 @@ rule pretrain:
     threads: res("pretrain", "cpus")
     resources:
         **resources("pretrain"),
+    conda:
+        CONDA_ENV
     shell:
-        RUN + "{params.launcher} pipeline/pretrain.py --profile " + PROFILE + " 2>&1 | tee -a {log}"
+        f"{RUN}{{params.launcher}} pipeline/pretrain.py --profile {PROFILE} 2>&1 | tee -a {{log}}"
 
 
 rule train_gan:
@@ -165,8 +175,10 @@ rule train_gan:
     threads: res("train_gan", "cpus")
     resources:
         **resources("train_gan"),
+    conda:
+        CONDA_ENV
     shell:
-        RUN + "{params.launcher} pipeline/train_gan.py --profile " + PROFILE + " 2>&1 | tee -a {log}"
+        f"{RUN}{{params.launcher}} pipeline/train_gan.py --profile {PROFILE} 2>&1 | tee -a {{log}}"
 
 
 rule evaluate:
@@ -195,8 +207,10 @@ rule evaluate:
     threads: res("evaluate", "cpus")
     resources:
         **resources("evaluate"),
+    conda:
+        CONDA_ENV
     shell:
-        RUN + "python pipeline/evaluate.py --profile " + PROFILE + " 2>&1 | tee -a {log}"
+        f"{RUN}python pipeline/evaluate.py --profile {PROFILE} 2>&1 | tee -a {{log}}"
 
 
 rule report:
@@ -226,5 +240,7 @@ rule report:
         f"logs/{PROFILE}/report.log",
     resources:
         **resources("report"),
+    conda:
+        CONDA_ENV
     shell:
-        RUN + "python pipeline/report.py --profile " + PROFILE + " 2>&1 | tee -a {log}"
+        f"{RUN}python pipeline/report.py --profile {PROFILE} 2>&1 | tee -a {{log}}"
