@@ -323,3 +323,18 @@ def test_resource_edits_leave_dvc_status_clean(committed):
         assert set(changed) == {"evaluate"}, changed
     finally:
         params_path.write_text(original)
+
+
+def test_conda_env_installs_the_lock():
+    """Every rule names envs/srmap.yaml (snakemake --lint wants software per rule); it must install
+    exactly requirements.lock on a Python the package supports."""
+    env = yaml.safe_load((ROOT / "envs" / "srmap.yaml").read_text())
+    deps = env["dependencies"]
+    python = next(d for d in deps if isinstance(d, str) and d.startswith("python="))
+    pip = next(d["pip"] for d in deps if isinstance(d, dict))
+    assert pip == ["-r ../requirements.lock"] and (ROOT / "envs" / "../requirements.lock").is_file()
+    floor = re.search(r'requires-python = ">=([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert tuple(map(int, python.split("=")[1].split("."))) >= tuple(map(int, floor.split(".")))
+    text = (ROOT / "Snakefile").read_text()
+    assert 'CONDA_ENV = "envs/srmap.yaml"' in text
+    assert text.count("\n    conda:\n        CONDA_ENV\n") == len(STAGES)
