@@ -149,13 +149,14 @@ def test_evaluate_stage_with_real_generators(tmp_path):
     from srmap.checkpoint import save_generator
     from srmap.nets import Generator, GeneratorConfig
 
-    cfg = GeneratorConfig(stem_width=8, feature_widths=(8, 8, 8), stages=1, blocks_per_stage=1, compression=2,
-                          kernel_size=3, noise_init=0.5)
+    cfg = GeneratorConfig(stem_width=8, feature_widths=(8, 8, 8), blocks_per_stage=(1,), compression=2,
+                          kernel_size=3)
     torch.manual_seed(0)
     G = Generator(cfg)
     with torch.no_grad():
         for p in G.parameters():
             p.add_(torch.randn_like(p) * 0.1)
+    G.set_noise_scales(10.0)
     save_generator(tmp_path / "gan.pt", G, cfg, {})
     save_generator(tmp_path / "l1.pt", G, cfg, {})
     valid = tmp_path / "valid"
