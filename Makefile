@@ -37,7 +37,10 @@ demo: setup
 test: setup system-deps
 	$(PY) -m pytest -q
 
+# MLflow 3.17's UI opens in its GenAI view unless the link asks for the model-training one; the printed
+# link opens the srmap experiment's runs table.
 mlflow-ui: setup
+	@echo "MLflow runs table: $$($(PY) -m srmap.tracking $(MLFLOW_PORT))"
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 	  --default-artifact-root "$(CURDIR)/mlartifacts" --host 127.0.0.1 --port $(MLFLOW_PORT)
 

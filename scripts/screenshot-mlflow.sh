@@ -20,9 +20,10 @@ for _ in $(seq 120); do
 done
 exp_id="$(curl -fs "http://127.0.0.1:$port/api/2.0/mlflow/experiments/get-by-name?experiment_name=srmap" |
   python -c 'import json, sys; print(json.load(sys.stdin)["experiment"]["experiment_id"])')"
-# The experiment's own page: with mlflow.experimentKind=custom_model_development MLflow opens it on the runs table.
+# The experiment page in the "Model training" view: MLflow 3.17 picks the view from ?workflowType= (else the
+# browser's last choice, GenAI at first); with that view the experiment kind tag sends it to the runs table.
 chromium --headless --no-sandbox --disable-gpu --disable-dev-shm-usage --disable-background-networking \
   --disable-component-update --disable-sync --no-first-run --user-data-dir="$work/profile" --hide-scrollbars \
   --window-size=1600,900 --virtual-time-budget=20000 \
-  --screenshot="$PWD/docs/mlflow.png" "http://127.0.0.1:$port/#/experiments/$exp_id" >/dev/null 2>&1
+  --screenshot="$PWD/docs/mlflow.png" "http://127.0.0.1:$port/#/experiments/$exp_id?workflowType=machine_learning" >/dev/null 2>&1
 echo "wrote docs/mlflow.png (experiment $exp_id)"

@@ -252,3 +252,31 @@ class Tracker:
         for k, v in tags.items():
             if self._client is not None:
                 self._safe(self._client.set_tag, self.run_id, k, str(v))
+
+
+def runs_url(root: Path, port: int) -> str:
+    """Link to the srmap experiment's runs table in ``mlflow ui`` on 127.0.0.1:``port`` (the list if none yet).
+
+    MLflow 3.17's UI shows its GenAI view unless the link asks for the
+    model-training one (``workflowType=machine_learning``).
+    """
+    base = f"http://127.0.0.1:{port}/#/experiments"
+    exp = None
+    uri = default_tracking_uri(root)
+    if not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file():
+        try:
+            from mlflow.tracking import MlflowClient
+
+            exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(EXPERIMENT)
+        except Exception:  # noqa: BLE001 - only a convenience link; the UI itself reports store problems
+            exp = None
+    return f"{base}/{exp.experiment_id}/runs?workflowType=machine_learning" if exp else \
+        f"{base}?workflowType=machine_learning"
+
+
+if __name__ == "__main__":  # python -m srmap.tracking [port]: the link `make mlflow-ui` prints
+    import sys
+
+    from srmap.utils import project_root
+
+    print(runs_url(project_root(), int(sys.argv[1]) if len(sys.argv) > 1 else 5000))

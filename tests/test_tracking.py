@@ -143,3 +143,15 @@ def test_dataset_input_with_fingerprint(tmp_path, monkeypatch):
     edited = folder_fingerprint(data)["sha256"]
     (data / "hr" / "b.npy").rename(data / "hr" / "c.npy")
     assert len({fp["sha256"], edited, folder_fingerprint(data)["sha256"]}) == 3
+
+
+def test_runs_url_opens_the_model_training_runs_table(tmp_path, monkeypatch):
+    from srmap.tracking import runs_url
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert runs_url(tmp_path, 5000) == "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+    assert not (tmp_path / "mlflow.db").exists()  # asking for the link creates no store
+    with Tracker(tmp_path, stage="pretrain", profile="demo"):
+        pass
+    assert re.fullmatch(r"http://127\.0\.0\.1:5001/#/experiments/\d+/runs\?workflowType=machine_learning",
+                        runs_url(tmp_path, 5001))
