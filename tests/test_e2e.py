@@ -143,7 +143,8 @@ def test_mlflow_runs_through_the_client(demo_run: Path):
     assert any("generator" in a for a in artifacts), artifacts
     ev = runs["evaluate"].data.metrics
     assert {f"{m}/{k}" for m in METHODS for k in KEYS} <= set(ev)
-    assert ev["srmap/lpips"] == json.loads((demo_run / "results" / "demo" / "metrics.json").read_text())["srmap"]["lpips"]
+    metrics = json.loads((demo_run / "results" / "demo" / "metrics.json").read_text())
+    assert ev["srmap/lpips"] == metrics["srmap"]["lpips"]
     # the training stages log their data as an MLflow dataset input with its fingerprint
     for stage in ("pretrain", "train_gan"):
         (inp,) = runs[stage].inputs.dataset_inputs
