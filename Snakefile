@@ -51,6 +51,7 @@ rule download:
         "srmap/download.py",
         "srmap/div2k.json",
         "srmap/data.py",
+        "srmap/imageio.py",
         "srmap/degrade.py",
     output:
         directory(f"data/{PROFILE}/hr"),
@@ -69,6 +70,7 @@ rule degrade:
         "pipeline/degrade.py",
         "srmap/degrade.py",
         "srmap/data.py",
+        "srmap/imageio.py",
         f"data/{PROFILE}/hr",
     output:
         directory(f"data/{PROFILE}/prepared"),
@@ -91,6 +93,7 @@ rule pretrain:
         "srmap/losses.py",
         "srmap/nets.py",
         "srmap/data.py",
+        "srmap/imageio.py",
         "srmap/checkpoint.py",
         f"data/{PROFILE}/prepared",
     output:
@@ -116,6 +119,7 @@ rule train_gan:
         "srmap/losses.py",
         "srmap/nets.py",
         "srmap/data.py",
+        "srmap/imageio.py",
         "srmap/degrade.py",
         "srmap/checkpoint.py",
         "srmap/inference.py",
@@ -148,6 +152,7 @@ rule evaluate:
         "srmap/nets.py",
         "srmap/checkpoint.py",
         "srmap/data.py",
+        "srmap/imageio.py",
         f"data/{PROFILE}/prepared",
         f"models/{PROFILE}/pretrain/generator.pt",
         f"models/{PROFILE}/train_gan/generator.pt",
@@ -173,6 +178,7 @@ rule report:
         "srmap/metrics.py",
         "srmap/inference.py",
         "srmap/data.py",
+        "srmap/imageio.py",
         "reports/published.csv",
         f"results/{PROFILE}/metrics.json",
         f"results/{PROFILE}/eval",
