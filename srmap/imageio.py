@@ -117,7 +117,11 @@ def _deep_colour_png(im: Image.Image) -> bool:
 def _decode_png16(path: Path) -> np.ndarray:
     """Decode a 16-bit colour PNG losslessly with torchvision's libpng binding: uint16 HxWxC."""
     import torch
-    from torchvision.io import ImageReadMode, decode_png, read_file
+
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its image codecs (in favour of torchcodec) but still ships them; pinned.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_png, read_file
 
     try:
         t = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
@@ -155,11 +159,12 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dec
             w, h = im.size
             if w * h > max_pixels:
                 raise ValueError(bomb(f"{w}x{h} = {w * h} pixels"))
+            deep = _deep_colour_png(im)  # before getexif(), which may decode a PNG (and drop its raw mode)
             try:
                 orientation = int(im.getexif().get(_ORIENTATION_TAG, 1) or 1)
-            except (OSError, SyntaxError, ValueError, TypeError, struct.error):
+            except (OSError, SyntaxError, ValueError, TypeError, struct.error, zlib.error):
                 orientation = 1  # unreadable EXIF: keep the stored orientation
-            if _deep_colour_png(im):
+            if deep:
                 arr = _decode_png16(path)
                 mode = "16-bit PNG"
             else:
@@ -222,7 +227,7 @@ def _encode_png16(img: np.ndarray) -> bytes:
     """PNG bytes of a uint16 HxWxC array (C = 1..4; gray, gray+alpha, RGB, RGBA), filter 'Up' on every row."""
     h, w, c = img.shape
     colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
-    rows = img.astype(">u2").reshape(h, w * c * 2).view(np.uint8)
+    rows = np.ascontiguousarray(img, dtype=">u2").view(np.uint8).reshape(h, w * c * 2)
     up = rows.copy()
     up[1:] -= rows[:-1]  # PNG filter 2 (Up): byte minus the byte above, modulo 256
     raw = np.concatenate([np.full((h, 1), 2, np.uint8), up], axis=1)
