@@ -123,10 +123,10 @@ def _decode_png16(path: Path) -> np.ndarray:
         warnings.simplefilter("ignore", DeprecationWarning)
         from torchvision.io import ImageReadMode, decode_png, read_file
 
-    try:
-        t = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: truncated or corrupt 16-bit PNG ({str(exc).splitlines()[0]})") from exc
+        try:
+            t = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: truncated or corrupt 16-bit PNG ({str(exc).splitlines()[0]})") from exc
     return t.permute(1, 2, 0).to(torch.int32).numpy().astype(np.uint16)
 
 
