@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+_GUARD = "SRMAP_VENV_REEXEC"  # set on re-execution
+
 
 def use_project_venv(root: str | os.PathLike | None = None) -> None:
     """Re-execute the running script under ``<root>/.venv/bin/python`` when this interpreter lacks torch.
@@ -29,6 +31,7 @@ def use_project_venv(root: str | os.PathLike | None = None) -> None:
     python = venv / "bin" / "python"
     if importlib.util.find_spec("torch") is not None or not python.is_file():
         return
-    if Path(sys.prefix).resolve() == venv.resolve():
+    if Path(sys.prefix).resolve() == venv.resolve() or os.environ.get(_GUARD):
         return  # the venv itself lacks torch: let the stage fail with its own import error
+    os.environ[_GUARD] = "1"  # never loop, whatever the venv turns out to hold
     os.execv(str(python), [str(python), *sys.argv])
