@@ -178,3 +178,17 @@ def test_atomic_writes_honour_the_umask(tmp_path, rgb, mask):
     for name in ("a.png", "b.txt"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask, name
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o777 & ~mask
+
+
+def test_degrade_stage_says_once_per_file_what_it_dropped(tmp_path, rgb):
+    from srmap.data import degrade_split
+
+    (tmp_path / "hr").mkdir()
+    big = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(np.dstack([big, np.full((32, 32), 9, np.uint8)])).save(tmp_path / "hr" / "a.png")
+    Image.fromarray(big).save(tmp_path / "hr" / "b.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        degrade_split(tmp_path / "hr", tmp_path / "out", max_pixels=MAXPIX, progress=False)
+    notes = [str(w.message) for w in caught if issubclass(w.category, ImageConversionWarning)]
+    assert len(notes) == 1 and "a.png: alpha channel dropped (1024 non-opaque" in notes[0]
