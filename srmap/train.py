@@ -608,6 +608,12 @@ def _begin(stage: str, out_dir: Any, resolved: dict, *, seed: int, channels_last
                 _warn(info, f"{ckpt_path} was written with a different config (differs in: {', '.join(diff)}); "
                             f"NOT resuming, training {stage} from scratch")
                 ckpt = None
+            elif ckpt.get("finished") and int(ckpt["step"]) == total:
+                # DVC/Snakemake re-run a finished stage only when forced (`dvc repro -f`), when an output is
+                # missing or when a dependency outside the resume guard changed: its outputs must be made anew.
+                _warn(info, f"{ckpt_path} is a finished run ({total} steps) and the stage was run again "
+                            f"(forced, or its outputs were removed): training {stage} from scratch")
+                ckpt = None
     _seed_all(seed)  # model initialisation is identical on every rank
     if dev.type == "cuda":
         # Fixed patch shapes: let cuDNN pick the fastest kernels once.
@@ -643,7 +649,7 @@ def _restore_rng(s: _Setup, seed: int) -> None:
         _seed_all(seed + int(s.ckpt["step"]), s.info.rank + 1)
 
 
-def _conclude(s: _Setup, stage: str, step: int, checkpoint: Callable[[int], None], G: nn.Module, gen_cfg: Any,
+def _conclude(s: _Setup, stage: str, step: int, checkpoint: Callable[..., None], G: nn.Module, gen_cfg: Any,
               seed: int, tracker) -> Path:
     """End a stage: the checkpoint path when stopped early, else write (rank 0) and return generator.pt."""
     if step < s.total:
@@ -655,8 +661,10 @@ def _conclude(s: _Setup, stage: str, step: int, checkpoint: Callable[[int], None
     if s.info.main:
         save_generator(gen_path, G, gen_cfg, {"stage": stage, "steps": s.total, "seed": seed,
                                               "train_config": s.resolved, "torch": str(torch.__version__)})
-        if tracker is not None:
-            tracker.log_artifact(gen_path)
+    # Marked finished only once generator.pt exists: a run killed before that resumes instead of retraining.
+    checkpoint(step, True)
+    if s.info.main and tracker is not None:
+        tracker.log_artifact(gen_path)
     _finish(s.info)
     return gen_path
 
@@ -761,7 +769,7 @@ def pretrain(*, data_dir, out_dir, gen_cfg, seed: int, batch_size: int, lr_patch
                      info=s.info, groups=1, workers=workers, device=s.device)
     params = [p for p in G.parameters() if p.requires_grad]
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, finished: bool = False) -> None:
         if not _weights_finite(G):
             raise NonFiniteLossError(f"pretrain: generator weights are not finite at step {step}; "
                                      f"the last good checkpoint {s.ckpt_path} is intact")
@@ -769,6 +777,7 @@ def pretrain(*, data_dir, out_dir, gen_cfg, seed: int, batch_size: int, lr_patch
         if s.info.main:
             save_checkpoint(s.ckpt_path, {
                 "format": CHECKPOINT_FORMAT, "stage": "pretrain", "config": s.resolved, "step": step,
+                "finished": finished,
                 "epoch": _epoch_of(step, iters_per_epoch) if step else 0, "world_size": s.info.world,
                 "gen_config": dataclasses.asdict(gen_cfg), "G": G.state_dict(),
                 "optimizers": {"G": opt.state_dict()}, "schedulers": {"G": sched.state_dict()},
@@ -812,7 +821,7 @@ def pretrain(*, data_dir, out_dir, gen_cfg, seed: int, batch_size: int, lr_patch
                                      "skipped": meter.skipped, "skipped_total": bad.total,
                                      "step_time_s": sps, "patches_per_s": batch_size / sps}, step)
             meter.reset()
-        if step % ckpt_every == 0 or step == total or step == stop_after:
+        if step < total and (step % ckpt_every == 0 or step == stop_after):  # the last one: _conclude
             checkpoint(step)
     progress.close()
     return _conclude(s, "pretrain", step, checkpoint, G, gen_cfg, seed, tracker)
@@ -929,7 +938,7 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
     params_g, params_d = list(G.parameters()), list(D.parameters())
     half = batch_size // 2 // s.info.world  # patches per half per rank
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, finished: bool = False) -> None:
         if not _weights_finite(G, G_ema, D):
             raise NonFiniteLossError(f"train_gan: weights are not finite at step {step}; "
                                      f"the last good checkpoint {s.ckpt_path} is intact")
@@ -937,6 +946,7 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
         if s.info.main:
             save_checkpoint(s.ckpt_path, {
                 "format": CHECKPOINT_FORMAT, "stage": "train_gan", "config": s.resolved, "step": step,
+                "finished": finished,
                 "epoch": _epoch_of(step, iters_per_epoch) if step else 0, "world_size": s.info.world,
                 "gen_config": dataclasses.asdict(gen_cfg), "critic_config": dataclasses.asdict(critic_cfg),
                 "G": G.state_dict(), "G_ema": G_ema.state_dict(), "D": D.state_dict(),
@@ -1023,7 +1033,7 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
                                      "skipped_total": bad.total, "step_time_s": sps,
                                      "patches_per_s": batch_size / sps}, step)
             meter.reset()
-        if step % ckpt_every == 0 or step == total or step == stop_after:
+        if step < total and (step % ckpt_every == 0 or step == stop_after):  # the last one: _conclude
             checkpoint(step)
     progress.close()
     return _conclude(s, "train_gan", step, checkpoint, G_ema, gen_cfg, seed, tracker)
