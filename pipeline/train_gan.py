@@ -19,6 +19,7 @@ from srmap.config import StageContext, stage_main  # noqa: E402
 
 def main(ctx: StageContext) -> None:
     from srmap.nets import critic_config, generator_config
+    from srmap.options import GanOptions
     from srmap.tracking import Tracker
     from srmap.train import train_gan
 
@@ -27,10 +28,10 @@ def main(ctx: StageContext) -> None:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with Tracker(ctx.root, stage="train_gan", profile=ctx.profile, enabled=rank0,
                  params={"train_gan": section, "model": model}) as tracker:
-        out = train_gan(data_dir=ctx.paths.prepared / "train", out_dir=ctx.paths.train_gan,
+        out = train_gan(GanOptions(**section), data_dir=ctx.paths.prepared / "train", out_dir=ctx.paths.train_gan,
                         init_generator=ctx.paths.pretrain / "generator.pt",
                         gen_cfg=generator_config(model["generator"]), critic_cfg=critic_config(model["critic"]),
-                        tracker=tracker, **section)
+                        tracker=tracker)
     if rank0:
         print(f"train_gan: generator in {out}")
 
