@@ -2,7 +2,9 @@
 
 Every problem is raised as :class:`ConfigError` with one line that names the
 file and the dotted key, so a stage fails with a message like
-``params.yaml: missing key 'demo.pretrain.lr' (a number)``.
+``params.yaml: missing key 'demo.pretrain.lr' (a number)``. The schema of the
+``pretrain`` and ``train_gan`` sections is derived from the options records in
+:mod:`srmap.options`, which also check each value's range.
 """
 
 from __future__ import annotations
