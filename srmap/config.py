@@ -45,7 +45,10 @@ def _yaml_type(hint: Any) -> Any:
 
 
 def options_schema(cls: type) -> dict[str, Any]:
-    """``{field name: params.yaml type}`` of an options dataclass, in field order."""
+    """``{field name: params.yaml type}`` of an options dataclass, in field order.
+
+    Raises TypeError for an annotation with no params.yaml counterpart (add it to :func:`_yaml_type`).
+    """
     hints = typing.get_type_hints(cls)
     return {f.name: _yaml_type(hints[f.name]) for f in dataclasses.fields(cls)}
 

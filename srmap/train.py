@@ -478,7 +478,7 @@ class BadStepCounter:
         self.consecutive += 1
         self.total += 1
         warnings.warn(f"{self.stage}: non-finite loss or gradient at step {step}; update skipped "
-                      f"({self.consecutive}/{self.limit} in a row)", RuntimeWarning, stacklevel=2)
+                      f"({self.consecutive}/{self.limit} in a row)", RuntimeWarning, stacklevel=3)
         if self.consecutive >= self.limit:
             raise NonFiniteLossError(
                 f"{self.stage}: {self.consecutive} consecutive steps with non-finite loss or gradient "
@@ -678,7 +678,7 @@ class _Tail:
     :meth:`track_artifact` (rank 0 only).
     """
 
-    def __init__(self, s: _Setup, stage: str, opts: Any, *, nets: Mapping[str, nn.Module],
+    def __init__(self, s: _Setup, stage: str, opts: PretrainOptions | GanOptions, *, nets: Mapping[str, nn.Module],
                  optimizers: Mapping[str, torch.optim.Optimizer],
                  schedulers: Mapping[str, torch.optim.lr_scheduler.LambdaLR], scaler: torch.amp.GradScaler,
                  configs: Mapping[str, Any], columns: Sequence[str], shown: Sequence[str], tracker,
