@@ -21,6 +21,7 @@ from srmap.config import StageContext, stage_main  # noqa: E402
 
 def main(ctx: StageContext) -> None:
     from srmap.nets import generator_config
+    from srmap.options import PretrainOptions
     from srmap.tracking import Tracker
     from srmap.train import pretrain
 
@@ -30,8 +31,8 @@ def main(ctx: StageContext) -> None:
     with Tracker(ctx.root, stage="pretrain", profile=ctx.profile, enabled=rank0,
                  params={"pretrain": section, "model": {"generator": model}}, pipeline_params=ctx.params) as tracker:
         tracker.log_dataset(ctx.paths.prepared / "train", name=f"{ctx.profile}-train")
-        out = pretrain(data_dir=ctx.paths.prepared / "train", out_dir=ctx.paths.pretrain,
-                       gen_cfg=generator_config(model), tracker=tracker, **section)
+        out = pretrain(PretrainOptions(**section), data_dir=ctx.paths.prepared / "train", out_dir=ctx.paths.pretrain,
+                       gen_cfg=generator_config(model), tracker=tracker)
     if rank0:
         print(f"pretrain: generator in {out}")
 

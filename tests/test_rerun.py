@@ -15,17 +15,19 @@ import pytest
 from conftest import ROOT, make_prepared, tool_env
 from srmap.checkpoint import load_checkpoint, save_checkpoint
 from srmap.nets import GeneratorConfig
+from srmap.options import PretrainOptions
 from srmap.train import pretrain
 
 TINY_G = GeneratorConfig(stem_width=8, feature_widths=(8, 8, 8), blocks_per_stage=(1,), compression=2, kernel_size=3)
 
 
 def _kw(data_dir, out_dir, **over):
-    kw = dict(data_dir=data_dir, out_dir=out_dir, gen_cfg=TINY_G, seed=0, batch_size=4, lr_patch=8, lr=1e-3,
-              betas=[0.9, 0.999], epochs=1, iters_per_epoch=2, milestones=[1], lr_gamma=0.5, ckpt_every=100,
-              log_every=1, workers=0, max_bad_steps=3, amp=False, channels_last=False, compile=False, noise=True,
-              device="cpu")
-    return {**kw, **over}
+    """pretrain()'s arguments: a tiny PretrainOptions record (``over`` replaces fields) and the run's paths."""
+    opts = dict(seed=0, batch_size=4, lr_patch=8, lr=1e-3, betas=[0.9, 0.999], epochs=1, iters_per_epoch=2,
+                milestones=[1], lr_gamma=0.5, ckpt_every=100, log_every=1, workers=0, max_bad_steps=3, amp=False,
+                channels_last=False, compile=False, noise=True)
+    return {"opts": PretrainOptions(**{**opts, **over}), "data_dir": data_dir, "out_dir": out_dir,
+            "gen_cfg": TINY_G, "device": "cpu"}
 
 
 def _resumed_from(out: Path):

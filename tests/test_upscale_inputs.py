@@ -254,5 +254,7 @@ def test_tiled_upscale_memory_is_the_output_buffer_plus_a_tile():
         pytest.skip("this kernel does not let a process reset its peak RSS")
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    # SR 1600x1600x3: the uint8 output is 7.3 MiB; one float32 copy of it would be 29 MiB (the old code held two).
-    assert r["extra_mib"] < r["out_mib"] + 15, r
+    # SR 1600x1600x3: the uint8 output is 7.3 MiB; one float32 copy of it would be 29 MiB (the old code held two,
+    # 63 MiB here). Beyond the output buffer this measures 15-24 MiB (allocator and peak-RSS noise), so the bound
+    # is the size of one float32 copy: holding any whole-image float buffer again fails it.
+    assert r["extra_mib"] < 4 * r["out_mib"], r
