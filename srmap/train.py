@@ -14,7 +14,8 @@ params.yaml. Both stages
   :class:`NonFiniteLossError` after ``max_bad_steps`` consecutive skips;
 * run under ``torchrun`` as DistributedDataParallel (nccl on CUDA, gloo on CPU),
   each rank taking its slice of every global batch; rank 0 alone writes files;
-* use bf16 autocast, channels_last and torch.compile only on CUDA.
+* apply ``amp`` (bf16 autocast), ``channels_last`` and ``compile`` on CPU
+  as on CUDA (:func:`device_options`), and print which are in effect.
 
 docs/training.md explains the outputs, resume rules and our choices.
 """
@@ -523,11 +524,51 @@ def _weights_finite(*models: nn.Module) -> bool:
 
 
 def _autocast(device: torch.device, amp: bool):
-    # bf16 needs no loss scaling; fp16 is not offered. CPU runs without autocast
-    # so CPU results (and the bit-exact resume tests) stay in float32.
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    # bf16 needs no loss scaling; fp16 is not offered. CPU autocast runs bf16 too
+    # (device_options): the same code path as on CUDA, testable without a GPU.
+    if amp:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    """The precision and speed options of a stage, as in effect on its device."""
+
+    device: str  # torch device, e.g. "cuda:0" or "cpu"
+    amp: bool  # forward passes under bf16 autocast (CUDA and CPU)
+    channels_last: bool  # NHWC models and batches
+    compile: bool  # torch.compile of the generator (inductor; on CPU it needs a C++ compiler)
+
+    def describe(self) -> str:
+        """One log line, e.g. ``device cpu: bf16 autocast on, channels_last on, torch.compile off``."""
+        on = {True: "on", False: "off"}
+        return (f"device {self.device}: bf16 autocast {on[self.amp]}, channels_last {on[self.channels_last]}, "
+                f"torch.compile {on[self.compile]}")
+
+
+def device_options(device: torch.device, *, amp: bool, channels_last: bool, compile: bool) -> DeviceOptions:
+    """Resolve ``amp``/``channels_last``/``compile`` on ``device``; every flag means the same on CPU and CUDA.
+
+    CPU: bf16 autocast (fast only with AVX512-BF16/AMX; results differ from
+    float32 by bf16 rounding), NHWC (oneDNN) and inductor all work, so each flag
+    is applied as given: nothing is silently ignored. Raises ValueError when a
+    flag cannot apply: ``amp`` on a device without bf16 autocast (not CPU/CUDA),
+    ``compile`` on CPU without a C++ compiler (inductor builds C++ kernels).
+    """
+    for name, v in (("amp", amp), ("channels_last", channels_last), ("compile", compile)):
+        if not isinstance(v, bool):
+            raise ValueError(f"{name}: expected true or false, got {v!r}")
+    if amp and device.type not in ("cuda", "cpu"):
+        raise ValueError(f"amp: bf16 autocast runs on cuda and cpu, not on {device.type}; set amp: false")
+    if compile and device.type == "cpu":
+        import shutil
+
+        cxx = [c for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c and shutil.which(c)]
+        if not cxx:
+            raise ValueError("compile: torch.compile on CPU needs a C++ compiler (none of $CXX, c++, g++, clang++ "
+                             "found on PATH); install one or set compile: false")
+    return DeviceOptions(str(device), amp, channels_last, compile)
 
 
 def _prepare(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
@@ -576,8 +617,10 @@ class _Setup:
 
     info: DistInfo
     device: torch.device
-    cuda: bool  # autocast / channels_last / compile may apply
-    channels_last: bool
+    cuda: bool
+    channels_last: bool  # NHWC models and batches (device_options)
+    compile: bool  # torch.compile of G (device_options)
+    amp: bool  # bf16 autocast (device_options)
     total: int  # total steps
     ckpt_path: Path
     out_dir: Path
@@ -585,10 +628,11 @@ class _Setup:
     ckpt: dict | None  # checkpoint to resume from (None = fresh start)
 
 
-def _begin(stage: str, out_dir: Any, resolved: dict, *, seed: int, channels_last: bool,
+def _begin(stage: str, out_dir: Any, resolved: dict, *, seed: int, amp: bool, channels_last: bool, compile: bool,
            device: str | None, total: int) -> _Setup:
     """Join the process group, seed, decide fresh start vs resume, write training_options.json."""
     info, dev = _setup_distributed(device)
+    opts = device_options(dev, amp=amp, channels_last=channels_last, compile=compile)
     out = Path(out_dir).resolve()
     ckpt_path = out / "checkpoint.pt"
     ckpt = None
@@ -619,9 +663,11 @@ def _begin(stage: str, out_dir: Any, resolved: dict, *, seed: int, channels_last
             stale.unlink(missing_ok=True)
         atomic_write_json(out / "training_options.json", {
             "stage": stage, "config": resolved, "world_size": info.world, "device": str(dev),
-            "torch": str(torch.__version__), "resumed_from_step": int(ckpt["step"]) if ckpt else None})
-    cuda = dev.type == "cuda"
-    return _Setup(info, dev, cuda, channels_last and cuda, total, ckpt_path, out, resolved, ckpt)
+            "torch": str(torch.__version__), "resumed_from_step": int(ckpt["step"]) if ckpt else None,
+            "in_effect": {"amp": opts.amp, "channels_last": opts.channels_last, "compile": opts.compile}})
+        print(f"{stage}: {opts.describe()}; {info.world} process(es)", file=sys.stderr, flush=True)
+    return _Setup(info, dev, dev.type == "cuda", opts.channels_last, opts.compile, opts.amp, total, ckpt_path, out,
+                  resolved, ckpt)
 
 
 def _warn(info: DistInfo, msg: str) -> None:
@@ -728,7 +774,8 @@ def pretrain(*, data_dir, out_dir, gen_cfg, seed: int, batch_size: int, lr_patch
     resolved = _plain({"stage": "pretrain", **cfg, "gen_cfg": gen_cfg, "data_dir": data_dir,
                        "data_fingerprint": data_fingerprint(data_dir), "code_sha256": code_fingerprint()})
     total = epochs * iters_per_epoch
-    s = _begin("pretrain", out_dir, resolved, seed=seed, channels_last=channels_last, device=device, total=total)
+    s = _begin("pretrain", out_dir, resolved, seed=seed, amp=amp, channels_last=channels_last, compile=compile,
+               device=device, total=total)
     G = _prepare(Generator(gen_cfg), s.device, s.channels_last).train()
     if not noise:  # frozen scales get no gradient, so Adam never moves them
         for inj in G.injectors():
@@ -751,7 +798,7 @@ def pretrain(*, data_dir, out_dir, gen_cfg, seed: int, batch_size: int, lr_patch
         _sync_lr(sched)
     _restore_rng(s, seed)
     G_run = _wrap_ddp(G, s.info, s.device)
-    if compile and s.cuda:
+    if s.compile:
         G_run = torch.compile(G_run)
     bad = BadStepCounter(max_bad_steps, "pretrain", s.ckpt_path, skipped_total)
     log = LossLog(s.out_dir / "losses.csv", PRETRAIN_COLUMNS, s.ckpt["log_rows"] if s.ckpt else [], s.info.main)
@@ -880,7 +927,8 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
                        "init_generator": init_generator, "init_generator_sha256": sha256_file(init_generator),
                        "code_sha256": code_fingerprint()})
     total = epochs * iters_per_epoch
-    s = _begin("train_gan", out_dir, resolved, seed=seed, channels_last=channels_last, device=device, total=total)
+    s = _begin("train_gan", out_dir, resolved, seed=seed, amp=amp, channels_last=channels_last, compile=compile,
+               device=device, total=total)
     G0 = load_generator(init_generator)
     if G0.cfg != gen_cfg:
         raise ValueError(f"init_generator {init_generator}: its generator config {dataclasses.asdict(G0.cfg)} "
@@ -912,7 +960,7 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
         _sync_lr(sched_d)
     _restore_rng(s, seed)
     G_run = _wrap_ddp(G, s.info, s.device)
-    if compile and s.cuda:
+    if s.compile:
         G_run = torch.compile(G_run)
     # The critic is never compiled: the R1 penalty needs a double backward,
     # which torch.compile does not support.
