@@ -16,7 +16,8 @@ params.yaml). Resume, checkpoints and logging are written once, in
   :class:`NonFiniteLossError` after ``max_bad_steps`` consecutive skips;
 * run under ``torchrun`` as DistributedDataParallel (nccl on CUDA, gloo on CPU),
   each rank taking its slice of every global batch; rank 0 alone writes files;
-* use bf16 autocast, channels_last and torch.compile only on CUDA.
+* apply ``amp`` (bf16 autocast), ``channels_last`` and ``compile`` on CPU
+  as on CUDA (:func:`device_options`), and print which are in effect.
 
 docs/training.md explains the outputs, resume rules and our choices.
 """
@@ -507,11 +508,51 @@ def _weights_finite(*models: nn.Module) -> bool:
 
 
 def _autocast(device: torch.device, amp: bool):
-    # bf16 needs no loss scaling; fp16 is not offered. CPU runs without autocast
-    # so CPU results (and the bit-exact resume tests) stay in float32.
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    # bf16 needs no loss scaling; fp16 is not offered. CPU autocast runs bf16 too
+    # (device_options): the same code path as on CUDA, testable without a GPU.
+    if amp:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    """The precision and speed options of a stage, as in effect on its device."""
+
+    device: str  # torch device, e.g. "cuda:0" or "cpu"
+    amp: bool  # forward passes under bf16 autocast (CUDA and CPU)
+    channels_last: bool  # NHWC models and batches
+    compile: bool  # torch.compile of the generator (inductor; on CPU it needs a C++ compiler)
+
+    def describe(self) -> str:
+        """One log line, e.g. ``device cpu: bf16 autocast on, channels_last on, torch.compile off``."""
+        on = {True: "on", False: "off"}
+        return (f"device {self.device}: bf16 autocast {on[self.amp]}, channels_last {on[self.channels_last]}, "
+                f"torch.compile {on[self.compile]}")
+
+
+def device_options(device: torch.device, *, amp: bool, channels_last: bool, compile: bool) -> DeviceOptions:
+    """Resolve ``amp``/``channels_last``/``compile`` on ``device``; every flag means the same on CPU and CUDA.
+
+    CPU: bf16 autocast (fast only with AVX512-BF16/AMX; results differ from
+    float32 by bf16 rounding), NHWC (oneDNN) and inductor all work, so each flag
+    is applied as given: nothing is silently ignored. Raises ValueError when a
+    flag cannot apply: ``amp`` on a device without bf16 autocast (not CPU/CUDA),
+    ``compile`` on CPU without a C++ compiler (inductor builds C++ kernels).
+    """
+    for name, v in (("amp", amp), ("channels_last", channels_last), ("compile", compile)):
+        if not isinstance(v, bool):
+            raise ValueError(f"{name}: expected true or false, got {v!r}")
+    if amp and device.type not in ("cuda", "cpu"):
+        raise ValueError(f"amp: bf16 autocast runs on cuda and cpu, not on {device.type}; set amp: false")
+    if compile and device.type == "cpu":
+        import shutil
+
+        cxx = [c for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c and shutil.which(c)]
+        if not cxx:
+            raise ValueError("compile: torch.compile on CPU needs a C++ compiler (none of $CXX, c++, g++, clang++ "
+                             "found on PATH); install one or set compile: false")
+    return DeviceOptions(str(device), amp, channels_last, compile)
 
 
 def _prepare(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
@@ -560,8 +601,10 @@ class _Setup:
 
     info: DistInfo
     device: torch.device
-    cuda: bool  # autocast / channels_last / compile may apply
-    channels_last: bool
+    cuda: bool
+    channels_last: bool  # NHWC models and batches (device_options)
+    compile: bool  # torch.compile of G (device_options)
+    amp: bool  # bf16 autocast (device_options)
     total: int  # total steps
     ckpt_path: Path
     out_dir: Path
@@ -569,10 +612,11 @@ class _Setup:
     ckpt: dict | None  # checkpoint to resume from (None = fresh start)
 
 
-def _begin(stage: str, out_dir: Any, resolved: dict, *, seed: int, channels_last: bool,
+def _begin(stage: str, out_dir: Any, resolved: dict, *, seed: int, amp: bool, channels_last: bool, compile: bool,
            device: str | None, total: int) -> _Setup:
     """Join the process group, seed, decide fresh start vs resume, write training_options.json."""
     info, dev = _setup_distributed(device)
+    opts = device_options(dev, amp=amp, channels_last=channels_last, compile=compile)
     out = Path(out_dir).resolve()
     ckpt_path = out / "checkpoint.pt"
     ckpt = None
@@ -609,9 +653,11 @@ def _begin(stage: str, out_dir: Any, resolved: dict, *, seed: int, channels_last
             stale.unlink(missing_ok=True)
         atomic_write_json(out / "training_options.json", {
             "stage": stage, "config": resolved, "world_size": info.world, "device": str(dev),
-            "torch": str(torch.__version__), "resumed_from_step": int(ckpt["step"]) if ckpt else None})
-    cuda = dev.type == "cuda"
-    return _Setup(info, dev, cuda, channels_last and cuda, total, ckpt_path, out, resolved, ckpt)
+            "torch": str(torch.__version__), "resumed_from_step": int(ckpt["step"]) if ckpt else None,
+            "in_effect": {"amp": opts.amp, "channels_last": opts.channels_last, "compile": opts.compile}})
+        print(f"{stage}: {opts.describe()}; {info.world} process(es)", file=sys.stderr, flush=True)
+    return _Setup(info, dev, dev.type == "cuda", opts.channels_last, opts.compile, opts.amp, total, ckpt_path, out,
+                  resolved, ckpt)
 
 
 def _warn(info: DistInfo, msg: str) -> None:
@@ -827,8 +873,8 @@ def pretrain(opts: PretrainOptions, *, data_dir, out_dir, gen_cfg, device: str |
     resolved = _plain({"stage": "pretrain", **dataclasses.asdict(opts), "gen_cfg": gen_cfg, "data_dir": data_dir,
                        "data_fingerprint": data_fingerprint(data_dir), "code_sha256": code_fingerprint()})
     total = opts.epochs * opts.iters_per_epoch
-    s = _begin("pretrain", out_dir, resolved, seed=opts.seed, channels_last=opts.channels_last, device=device,
-               total=total)
+    s = _begin("pretrain", out_dir, resolved, seed=opts.seed, amp=opts.amp, channels_last=opts.channels_last,
+               compile=opts.compile, device=device, total=total)
     G = _prepare(Generator(gen_cfg), s.device, s.channels_last).train()
     if not opts.noise:  # frozen scales get no gradient, so Adam never moves them
         for inj in G.injectors():
@@ -844,7 +890,7 @@ def pretrain(opts: PretrainOptions, *, data_dir, out_dir, gen_cfg, device: str |
                  configs={"gen_config": dataclasses.asdict(gen_cfg)}, columns=PRETRAIN_COLUMNS, shown=("l1", "lr"),
                  tracker=tracker, stop_after=stop_after)
     G_run = _wrap_ddp(G, s.info, s.device)
-    if opts.compile and s.cuda:
+    if s.compile:
         G_run = torch.compile(G_run)
     loader = tail.loader(data_dir, groups=1)
 
@@ -853,7 +899,7 @@ def pretrain(opts: PretrainOptions, *, data_dir, out_dir, gen_cfg, device: str |
         y = _to_float(lr_u8, s.device, s.channels_last)  # (n,3,p,p)
         x = _to_float(hr_u8, s.device, s.channels_last)  # (n,3,4p,4p)
         rngs = noise_rngs(opts.seed, loader.batch_sampler.indices(step), s.device) if opts.noise else None
-        with _autocast(s.device, opts.amp):
+        with _autocast(s.device, s.amp):
             sr = G_run(y, noise_scale=noise_scale, rngs=rngs)  # (n,3,4p,4p)
         loss = l1_loss(sr, x)  # float32, outside autocast
         opt.zero_grad(set_to_none=True)
@@ -921,8 +967,8 @@ def train_gan(opts: GanOptions, *, data_dir, out_dir, init_generator, gen_cfg, c
                        "init_generator": init_generator, "init_generator_sha256": sha256_file(init_generator),
                        "code_sha256": code_fingerprint()})
     total = opts.epochs * opts.iters_per_epoch
-    s = _begin("train_gan", out_dir, resolved, seed=opts.seed, channels_last=opts.channels_last, device=device,
-               total=total)
+    s = _begin("train_gan", out_dir, resolved, seed=opts.seed, amp=opts.amp, channels_last=opts.channels_last,
+               compile=opts.compile, device=device, total=total)
     G0 = load_generator(init_generator)
     if G0.cfg != gen_cfg:
         raise ValueError(f"init_generator {init_generator}: its generator config {dataclasses.asdict(G0.cfg)} "
@@ -943,7 +989,7 @@ def train_gan(opts: GanOptions, *, data_dir, out_dir, init_generator, gen_cfg, c
                  columns=GAN_COLUMNS, shown=("fidelity", "generator", "critic", "r1"), tracker=tracker,
                  stop_after=stop_after)
     G_run = _wrap_ddp(G, s.info, s.device)
-    if opts.compile and s.cuda:
+    if s.compile:
         G_run = torch.compile(G_run)
     # The critic is never compiled: the R1 penalty needs a double backward,
     # which torch.compile does not support.
@@ -965,10 +1011,10 @@ def train_gan(opts: GanOptions, *, data_dir, out_dir, init_generator, gen_cfg, c
 
         # Critic step: reals of the critic half against fakes from that half's own LR; R1 on the reals.
         _requires_grad(D, True)
-        with torch.no_grad(), _autocast(s.device, opts.amp):
+        with torch.no_grad(), _autocast(s.device, s.amp):
             fake_d = G_run(y_d, rngs=noise_rngs(opts.seed, indices[:half], s.device))  # (h,3,4p,4p)
         x_in = x_d.detach().requires_grad_(True)
-        with _autocast(s.device, opts.amp):
+        with _autocast(s.device, s.amp):
             c_real = D_run(x_in)  # (h,) float32 (the head runs in float32)
             c_fake = D_run(fake_d)  # (h,)
         adv_d = critic_adv_loss(c_real, c_fake, opts.adv_loss)
@@ -984,7 +1030,7 @@ def train_gan(opts: GanOptions, *, data_dir, out_dir, init_generator, gen_cfg, c
 
         # Generator step against the updated critic; the critic is frozen so it gets no gradients.
         _requires_grad(D, False)
-        with _autocast(s.device, opts.amp):
+        with _autocast(s.device, s.amp):
             sr = G_run(y_g, rngs=noise_rngs(opts.seed, indices[half:], s.device))  # (h,3,4p,4p)
             c_fake = D(sr)  # (h,)
             with torch.no_grad():
@@ -1009,7 +1055,7 @@ def train_gan(opts: GanOptions, *, data_dir, out_dir, init_generator, gen_cfg, c
 
         if step % opts.image_every == 0 and s.info.main:
             png = monitor / f"step_{step:08d}.png"
-            with torch.no_grad(), _autocast(s.device, opts.amp):
+            with torch.no_grad(), _autocast(s.device, s.amp):
                 sr_ema = G_ema(y_g, seed=0)
             _save_monitor(png, y_g.detach(), sr_ema.detach(), x_g.detach())
             tail.track_artifact(png, "monitor")
