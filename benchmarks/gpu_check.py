@@ -224,7 +224,7 @@ def check_ntire(device: torch.device, G: Generator, lr: torch.Tensor, gt: np.nda
     scores = score_image(gt, samples, lpips)
     sync(device.type)
     return {"samples": s.samples, "generate_s": gen_s, "score_s": time.perf_counter() - t0,
-            "lpips_pretrained": lpips.pretrained, "lpips_backbone": lpips.backbone, "scores": scores}
+            "lpips_pretrained": lpips.pretrained, "lpips_weights": lpips.weights, "scores": scores}
 
 
 def prepare_data(root: Path, names: list[str], scale: int) -> Path:
@@ -336,7 +336,7 @@ def table(result: dict) -> str:
                  f"{u['whole']['seconds']:.2f} s / {u['tiled']['seconds']:.2f} s, max diff "
                  f"{u['max_diff_uint8_levels']} levels")
     t = r["ntire"]
-    lines.append(f"{'NTIRE scoring, ' + str(t['samples']) + ' samples (' + t['lpips_backbone'] + ')':44s} "
+    lines.append(f"{'NTIRE scoring, ' + str(t['samples']) + ' samples (' + t['lpips_weights'][:40] + ')':44s} "
                  f"{t['score_s']:.2f} s (+ {t['generate_s']:.2f} s to generate)")
     tr = r["training"]
     lines.append(f"{'training ' + str(tr['steps']) + ' steps':44s} {tr['seconds']:.0f} s, all losses finite: "

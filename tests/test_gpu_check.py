@@ -18,7 +18,7 @@ ITEM_KEYS = {
     "noise": {"batch", "injectors", "forward_no_noise_s", "forward_hash_s", "forward_randn_s", "hash_share",
               "randn_share"},
     "upscale": {"lr_size", "sr_size", "tile", "tile_pad", "whole", "tiled", "max_abs_diff", "max_diff_uint8_levels"},
-    "ntire": {"samples", "generate_s", "score_s", "lpips_pretrained", "lpips_backbone", "scores"},
+    "ntire": {"samples", "generate_s", "score_s", "lpips_pretrained", "lpips_weights", "scores"},
     "training": {"steps", "seconds", "all_finite", "skipped_steps", "first", "last", "ok"},
 }
 
