@@ -1,4 +1,4 @@
-# SRMAP: `make demo` runs the pipeline on the embedded demo data, `make test` runs the tests.
+# SRMAP: `make demo` runs the pipeline on the embedded demo data, `make test` lints and runs the tests.
 # Both set up .venv first (exact pins from requirements.lock) when needed.
 
 SHELL := /bin/bash
@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 export PATH := $(VENV)/bin:$(PATH)
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup demo test mlflow-ui lock bench clean-demo system-deps
+.PHONY: setup demo test lint mlflow-ui lock bench clean-demo system-deps
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,12 @@ demo: setup
 	@echo "Report: $(CURDIR)/reports/demo/index.html   (table: reports/demo/table2.md)"
 	@echo "MLflow: make mlflow-ui   (store: $(CURDIR)/mlflow.db)"
 
-test: setup system-deps
+# Lint first: ruff (rules in pyproject.toml) and Snakemake's own linter; either failing fails `make test`.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/snakemake --lint
+
+test: setup system-deps lint
 	$(PY) -m pytest -q
 
 mlflow-ui: setup

@@ -3,9 +3,13 @@
 #   snakemake                    # one machine (profiles/default)
 #   snakemake --profile slurm    # a SLURM cluster (profiles/slurm; partition/account are set there)
 #   snakemake --config profile=paper
-# Per-stage resources (GPUs, CPUs, memory, runtime) come from params.yaml.
+# Per-stage resources (GPUs, CPUs, memory, runtime) come from params.yaml's
+# <profile>.resources.<stage>, which DVC does not track. Each rule tracks the same
+# params as its dvc.yaml stage (read from dvc.yaml), so both engines re-run on the same edits.
 
 import sys
+
+import yaml
 
 configfile: "params.yaml"
 
@@ -19,8 +23,24 @@ except ConfigError as exc:
     sys.exit(f"snakemake: error: {exc}")
 
 
+with open(f"{workflow.basedir}/dvc.yaml") as f:
+    DVC_STAGES = yaml.safe_load(f)["stages"]
+
+
+def tracked(stage):
+    """{key: value} of the params dvc.yaml's `stage` tracks, keyed as dvc.lock records them ("demo.data.scale")."""
+    values = {}
+    for key in DVC_STAGES[stage]["params"]:
+        key = key.replace("${profile}", PROFILE)
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        values[key] = node
+    return values
+
+
 def res(stage, key):
-    return int(P[stage]["resources"][key])
+    return int(P["resources"][stage][key])
 
 
 def launcher(stage):
@@ -36,6 +56,9 @@ def resources(stage):
     return r
 
 
+# Software for `--sdm conda` (every rule); by default jobs use the current environment (make setup's .venv).
+CONDA_ENV = "envs/srmap.yaml"
+
 # Each job records where it ran, so a cluster run can be audited per rule.
 RUN = 'echo "host=$(hostname) SLURM_JOB_ID=${{SLURM_JOB_ID:-none}}" > {log}; '
 
@@ -49,19 +72,23 @@ rule download:
     input:
         "pipeline/download.py",
         "srmap/download.py",
-        "srmap/div2k.json",
         "srmap/data.py",
         "srmap/degrade.py",
+        "srmap/config.py",
+        "srmap/utils.py",
+        "srmap/div2k.json",
     output:
         directory(f"data/{PROFILE}/hr"),
     params:
-        tracked=[config["profile"], P["data"]],
+        tracked=tracked("download"),
     log:
         f"logs/{PROFILE}/download.log",
     resources:
-        cpus_per_task=1, mem_mb=2000, runtime=240,
+        **resources("download"),
+    conda:
+        CONDA_ENV
     shell:
-        RUN + "python pipeline/download.py --profile " + PROFILE + " 2>&1 | tee -a {log}"
+        f"{RUN}python pipeline/download.py --profile {PROFILE} 2>&1 | tee -a {{log}}"
 
 
 rule degrade:
@@ -69,19 +96,23 @@ rule degrade:
         "pipeline/degrade.py",
         "srmap/degrade.py",
         "srmap/data.py",
+        "srmap/config.py",
+        "srmap/utils.py",
         f"data/{PROFILE}/hr",
     output:
         directory(f"data/{PROFILE}/prepared"),
     params:
-        tracked=[P["data"], P["pretrain"]["lr_patch"]],
+        tracked=tracked("degrade"),
     log:
         f"logs/{PROFILE}/degrade.log",
     threads: int(P["data"]["workers"])
     resources:
         # each worker holds one decoded HR image (a DIV2K image is ~8 MB) plus its resize buffers
         cpus_per_task=int(P["data"]["workers"]), mem_mb=2000 * max(1, int(P["data"]["workers"])), runtime=120,
+    conda:
+        CONDA_ENV
     shell:
-        RUN + "python pipeline/degrade.py --profile " + PROFILE + " 2>&1 | tee -a {log}"
+        f"{RUN}python pipeline/degrade.py --profile {PROFILE} 2>&1 | tee -a {{log}}"
 
 
 rule pretrain:
@@ -92,21 +123,28 @@ rule pretrain:
         "srmap/nets.py",
         "srmap/data.py",
         "srmap/checkpoint.py",
+        "srmap/config.py",
+        "srmap/degrade.py",
+        "srmap/inference.py",
+        "srmap/tracking.py",
+        "srmap/utils.py",
         f"data/{PROFILE}/prepared",
     output:
         f"models/{PROFILE}/pretrain/generator.pt",
         f"models/{PROFILE}/pretrain/training_options.json",
         f"models/{PROFILE}/pretrain/losses.csv",
     params:
-        tracked=[P["model"]["generator"], P["pretrain"]],
+        tracked=tracked("pretrain"),
         launcher=launcher("pretrain"),
     log:
         f"logs/{PROFILE}/pretrain.log",
     threads: res("pretrain", "cpus")
     resources:
         **resources("pretrain"),
+    conda:
+        CONDA_ENV
     shell:
-        RUN + "{params.launcher} pipeline/pretrain.py --profile " + PROFILE + " 2>&1 | tee -a {log}"
+        f"{RUN}{{params.launcher}} pipeline/pretrain.py --profile {PROFILE} 2>&1 | tee -a {{log}}"
 
 
 rule train_gan:
@@ -119,6 +157,9 @@ rule train_gan:
         "srmap/degrade.py",
         "srmap/checkpoint.py",
         "srmap/inference.py",
+        "srmap/config.py",
+        "srmap/tracking.py",
+        "srmap/utils.py",
         f"data/{PROFILE}/prepared",
         f"models/{PROFILE}/pretrain/generator.pt",
     output:
@@ -127,15 +168,17 @@ rule train_gan:
         directory(f"models/{PROFILE}/train_gan/monitor"),
         f"models/{PROFILE}/train_gan/losses.csv",
     params:
-        tracked=[P["model"], P["train_gan"]],
+        tracked=tracked("train_gan"),
         launcher=launcher("train_gan"),
     log:
         f"logs/{PROFILE}/train_gan.log",
     threads: res("train_gan", "cpus")
     resources:
         **resources("train_gan"),
+    conda:
+        CONDA_ENV
     shell:
-        RUN + "{params.launcher} pipeline/train_gan.py --profile " + PROFILE + " 2>&1 | tee -a {log}"
+        f"{RUN}{{params.launcher}} pipeline/train_gan.py --profile {PROFILE} 2>&1 | tee -a {{log}}"
 
 
 rule evaluate:
@@ -148,6 +191,9 @@ rule evaluate:
         "srmap/nets.py",
         "srmap/checkpoint.py",
         "srmap/data.py",
+        "srmap/config.py",
+        "srmap/tracking.py",
+        "srmap/utils.py",
         f"data/{PROFILE}/prepared",
         f"models/{PROFILE}/pretrain/generator.pt",
         f"models/{PROFILE}/train_gan/generator.pt",
@@ -155,14 +201,16 @@ rule evaluate:
         directory(f"results/{PROFILE}/eval"),
         f"results/{PROFILE}/metrics.json",
     params:
-        tracked=[P["evaluate"]],
+        tracked=tracked("evaluate"),
     log:
         f"logs/{PROFILE}/evaluate.log",
     threads: res("evaluate", "cpus")
     resources:
         **resources("evaluate"),
+    conda:
+        CONDA_ENV
     shell:
-        RUN + "python pipeline/evaluate.py --profile " + PROFILE + " 2>&1 | tee -a {log}"
+        f"{RUN}python pipeline/evaluate.py --profile {PROFILE} 2>&1 | tee -a {{log}}"
 
 
 rule report:
@@ -173,6 +221,11 @@ rule report:
         "srmap/metrics.py",
         "srmap/inference.py",
         "srmap/data.py",
+        "srmap/checkpoint.py",
+        "srmap/config.py",
+        "srmap/degrade.py",
+        "srmap/nets.py",
+        "srmap/utils.py",
         "reports/published.csv",
         f"results/{PROFILE}/metrics.json",
         f"results/{PROFILE}/eval",
@@ -182,10 +235,12 @@ rule report:
     output:
         directory(f"reports/{PROFILE}"),
     params:
-        tracked=[P["report"]],
+        tracked=tracked("report"),
     log:
         f"logs/{PROFILE}/report.log",
     resources:
-        cpus_per_task=1, mem_mb=4000, runtime=30,
+        **resources("report"),
+    conda:
+        CONDA_ENV
     shell:
-        RUN + "python pipeline/report.py --profile " + PROFILE + " 2>&1 | tee -a {log}"
+        f"{RUN}python pipeline/report.py --profile {PROFILE} 2>&1 | tee -a {{log}}"

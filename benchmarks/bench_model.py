@@ -258,10 +258,11 @@ def main(argv: list[str] | None = None) -> None:
                       f" {train_rate / peak_train:6.1%} {speedup:8.2f}x")
         print(f"baseline {mm_name}: {fmt_rate(peak)} (best of the rounds above)")
         y1 = torch.rand(1, 3, lr_patch, lr_patch, device=dev)
-        noise = interleaved({"hash": lambda: g.noise(y1, 0, 1.0, (0, 0)), "randn": lambda: g.noise(y1, None, 1.0, (0, 0))},
-                            max(iters, 5), 1, dev)
+        noise = interleaved({"hash": lambda: g.noise(y1, 0, 1.0, (0, 0)),
+                             "randn": lambda: g.noise(y1, None, 1.0, (0, 0))}, max(iters, 5), 1, dev)
         t_hash, t_randn = statistics.median(noise["hash"]), statistics.median(noise["randn"])
-        print(f"noise maps for one {lr_patch}x{lr_patch} patch, {g_cfg.noise_layers} layers: hash {t_hash * 1e3:.2f} ms, "
+        print(f"noise maps for one {lr_patch}x{lr_patch} patch, {g_cfg.noise_layers} layers: "
+              f"hash {t_hash * 1e3:.2f} ms, "
               f"randn {t_randn * 1e3:.2f} ms ({t_hash / t_randn:.1f}x randn, "
               f"{t_hash / fwd_per_patch['G']:.2%} of a {modes[0].name} G forward per patch)")
         if dev == "cuda" and profile == "paper" and not args.no_train_step:

@@ -33,7 +33,8 @@ def main(ctx: StageContext) -> None:
                                      tile=section["tile"], tile_pad=section["tile_pad"])
         atomic_write_json(ctx.paths.results / "metrics.json", results)
         for method, summary in results.items():
-            tracker.log_metrics({f"{method_slug(method)}/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+            tracker.log_metrics({f"{method_slug(method)}/{k}": v for k, v in summary.items()
+                                 if isinstance(v, (int, float))})
             if not section["lpips_pretrained"]:
                 tracker.set_tags({"lpips_backbone": "untrained (LPIPS and diversity not comparable)"})
         tracker.log_artifact(ctx.paths.results / "metrics.json")

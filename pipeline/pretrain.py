@@ -23,12 +23,11 @@ def main(ctx: StageContext) -> None:
 
     section = ctx.params["pretrain"]
     model = ctx.params["model"]["generator"]
-    kwargs = {k: v for k, v in section.items() if k != "resources"}
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with Tracker(ctx.root, stage="pretrain", profile=ctx.profile, enabled=rank0,
                  params={"pretrain": section, "model": {"generator": model}}) as tracker:
         out = pretrain(data_dir=ctx.paths.prepared / "train", out_dir=ctx.paths.pretrain,
-                       gen_cfg=generator_config(model), tracker=tracker, **kwargs)
+                       gen_cfg=generator_config(model), tracker=tracker, **section)
     if rank0:
         print(f"pretrain: generator in {out}")
 

@@ -24,14 +24,13 @@ def main(ctx: StageContext) -> None:
 
     section = ctx.params["train_gan"]
     model = ctx.params["model"]
-    kwargs = {k: v for k, v in section.items() if k != "resources"}
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with Tracker(ctx.root, stage="train_gan", profile=ctx.profile, enabled=rank0,
                  params={"train_gan": section, "model": model}) as tracker:
         out = train_gan(data_dir=ctx.paths.prepared / "train", out_dir=ctx.paths.train_gan,
                         init_generator=ctx.paths.pretrain / "generator.pt",
                         gen_cfg=generator_config(model["generator"]), critic_cfg=critic_config(model["critic"]),
-                        tracker=tracker, **kwargs)
+                        tracker=tracker, **section)
     if rank0:
         print(f"train_gan: generator in {out}")
 

@@ -352,13 +352,3 @@ def _dihedral(img: np.ndarray, op: int) -> np.ndarray:
     if op & 4:
         img = img.transpose(1, 0, 2)
     return img
-
-
-def worker_init_fn(worker_id: int) -> None:
-    """Optional DataLoader ``worker_init_fn``: seeds numpy's global RNG from torch's per-worker seed.
-
-    PatchDataset does not need it (it draws from generators seeded by
-    ``(seed, index)``); it only keeps any code that does use ``np.random`` in
-    workers from drawing identical streams in every worker.
-    """
-    np.random.seed(torch.initial_seed() % 2**32)

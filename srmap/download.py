@@ -13,7 +13,6 @@ verified against ``srmap/div2k.json`` and used instead of downloading.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -21,16 +20,17 @@ import shutil
 import time
 import urllib.error
 import urllib.request
-import uuid
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Collection, Sequence
 
 from tqdm import tqdm
 
+from srmap.utils import atomic_dir, sha256_file
+
 ARCHIVES_ENV = "SRMAP_DIV2K_ARCHIVES"  # folder holding hand-placed DIV2K zips
 DEFAULT_MAX_PIXELS = 40_000_000  # decompression-bomb guard; DIV2K images are at most 2040x2040
-_CHUNK = 1 << 20  # bytes per read/write and per hash update
+_CHUNK = 1 << 20  # bytes per read/write
 _BYTES_PER_PIXEL = 8  # largest PNG pixel (16-bit RGBA); bounds a member's honest decompressed size
 
 
@@ -53,17 +53,6 @@ class ChecksumError(ValueError):
 
 class _Incomplete(OSError):
     """The server closed the connection before sending the whole body (retried with a Range request)."""
-
-
-def sha256_file(path: Path, *, progress: bool = False) -> str:
-    """Hex SHA-256 of the file at ``path``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, unit_divisor=1024,
-                                     desc=f"sha256 {Path(path).name}", disable=not progress) as bar:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-            bar.update(len(block))
-    return digest.hexdigest()
 
 
 def verify_file(path: Path, *, size: int | None, sha256: str | None, progress: bool = False) -> None:
@@ -184,17 +173,6 @@ def _unsafe_member(name: str) -> str | None:
     return None
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Rename folder ``tmp`` onto ``out_dir``, replacing an existing folder there."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
-
-
 def extract_pngs(zip_path: Path, out_dir: Path, *, max_pixels: int, names: Collection[str] | None = None,
                  progress: bool = True) -> list[Path]:
     """Extract the PNG members of ``zip_path`` flat into ``out_dir`` (``out_dir/<basename>.png``).
@@ -232,10 +210,7 @@ def extract_pngs(zip_path: Path, out_dir: Path, *, max_pixels: int, names: Colle
             raise ValueError(f"{zip_path}: {len(missing)} expected PNG(s) missing, e.g. {missing[:5]}")
         if not members:
             raise ValueError(f"{zip_path}: no PNG members to extract")
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir()
-        try:
+        with atomic_dir(out_dir) as tmp:
             for base, info in tqdm(sorted(members.items()), desc=f"extract {zip_path.name}", unit="png",
                                    disable=not progress):
                 if info.file_size > max_pixels * _BYTES_PER_PIXEL + _CHUNK:
@@ -247,10 +222,6 @@ def extract_pngs(zip_path: Path, out_dir: Path, *, max_pixels: int, names: Colle
                     read_image(tmp / base, max_pixels=max_pixels)
                 except ValueError as e:
                     raise ValueError(f"{zip_path}: member {info.filename} is not a usable PNG: {e}") from e
-            _replace_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return sorted(out_dir / base for base in members)
 
 

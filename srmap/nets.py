@@ -103,7 +103,7 @@ def hash_normal(
     Box-Muller turns into one N(0, 1) value (tails cut at about 5.7 sigma). Any
     crop of a large map therefore equals the map of the crop's own coordinates.
     """
-    base = [[hash32(_seed_key(s) + l) for l in range(layers)] for s in seeds]
+    base = [[hash32(_seed_key(s) + layer) for layer in range(layers)] for s in seeds]
     key = torch.tensor(base, dtype=torch.int64, device=device)[:, :, None, None]  # (S, L, 1, 1)
     rows = torch.arange(top, top + height, dtype=torch.int64, device=device)[:, None]  # (H, 1)
     cols = torch.arange(left, left + width, dtype=torch.int64, device=device)  # (W,)

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from srmap.checkpoint import load_checkpoint, save_checkpoint, save_generator
 from srmap.losses import critic_adv_loss, fidelity_loss, generator_adv_loss, l1_loss, r1_penalty
-from srmap.utils import atomic_path, atomic_write_json, atomic_write_text
+from srmap.utils import atomic_path, atomic_write_json, atomic_write_text, import_closure, sha256_file
 
 CHECKPOINT_FORMAT = "srmap-train/1"
 PRETRAIN_COLUMNS = ("step", "epoch", "l1", "lr", "skipped")
@@ -300,25 +300,17 @@ def data_fingerprint(data_dir: Path) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def code_fingerprint() -> str:
-    """SHA-256 over the source of the modules that define what a training step computes.
+    """SHA-256 over the source of this module and every ``srmap`` module it imports (its import closure).
 
     Part of the resume guard: when DVC re-runs a stage because this code changed,
     a finished checkpoint from the old code must not be "resumed" into a result.
+    The training stages declare these same files as deps (tests/test_workflow.py).
     """
     h = hashlib.sha256()
-    here = Path(__file__).resolve().parent
-    for name in ("train.py", "losses.py", "nets.py", "degrade.py", "data.py", "checkpoint.py"):
-        h.update(name.encode() + b"\0" + (here / name).read_bytes())
+    here = Path(__file__).resolve()
+    for path in sorted({here, *import_closure(here)}):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 
@@ -824,7 +816,7 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
         raise FileNotFoundError(f"init_generator {init_generator} does not exist (run the pretrain stage first)")
     resolved = _plain({"stage": "train_gan", **cfg, "gen_cfg": gen_cfg, "critic_cfg": critic_cfg,
                        "data_dir": data_dir, "data_fingerprint": data_fingerprint(data_dir),
-                       "init_generator": init_generator, "init_generator_sha256": file_sha256(init_generator),
+                       "init_generator": init_generator, "init_generator_sha256": sha256_file(init_generator),
                        "code_sha256": code_fingerprint()})
     total = epochs * iters_per_epoch
     s = _begin("train_gan", out_dir, resolved, seed=seed, channels_last=channels_last, device=device, total=total)

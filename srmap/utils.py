@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes, project root, device choice."""
+"""Small shared helpers: atomic file writes, file hashes, project root, device choice, import closure."""
 
 from __future__ import annotations
 
@@ -55,6 +55,39 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
+def import_closure(script: str | os.PathLike) -> list[Path]:
+    """The ``srmap/*.py`` modules that ``script`` imports, directly or through each other, sorted.
+
+    Static: every ``import srmap.x`` / ``from srmap(.x) import y`` anywhere in the
+    AST counts, lazy imports inside functions included. ``script`` itself is not
+    in the result unless something imports it. Paths are absolute files of this
+    package. This is the code a pipeline stage depends on (dvc.yaml and the
+    Snakefile declare exactly these) and what training fingerprints.
+    """
+    import ast
+
+    pkg = Path(__file__).resolve().parent
+
+    def direct(path: Path) -> set[Path]:
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        parts = (n.split(".") for n in names)
+        files = (pkg / f"{p[1]}.py" for p in parts if len(p) == 2 and p[0] == pkg.name)
+        return {f for f in files if f.is_file()}
+
+    seen: set[Path] = set()
+    todo = [Path(script).resolve()]
+    while todo:
+        for dep in direct(todo.pop()) - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return sorted(seen)
+
+
 def pick_device(requested: str | None = None) -> "str":
     """Return ``requested`` or 'cuda' when available, else 'cpu'."""
     if requested:
@@ -69,18 +102,45 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``path``; on success it replaces ``path``.
 
     A stage that fails half-way leaves no folder under the final name, so a
-    workflow engine can never mistake partial output for a finished result.
+    workflow engine can never mistake partial output for a finished result. An
+    existing folder at ``path`` is first renamed aside, so ``path`` is only
+    missing between two renames, never half-deleted. The folder is created
+    with the user's umask. On an exception the temporary folder is removed.
     """
     import shutil
+    import uuid
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
     try:
         yield tmp
         if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sha256_file(path: str | os.PathLike, *, progress: bool = False) -> str:
+    """Hex SHA-256 digest (64 lowercase hex chars) of the file at ``path``, read in 1 MiB chunks.
+
+    ``progress`` shows a tqdm bar in bytes. Raises OSError if the file cannot be read.
+    """
+    import hashlib
+
+    from tqdm import tqdm
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, unit_divisor=1024,
+                                     desc=f"sha256 {Path(path).name}", disable=not progress) as bar:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest()

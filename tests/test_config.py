@@ -112,3 +112,39 @@ def test_snakemake_rejects_an_unknown_profile_in_one_line():
                           env=tool_env(ROOT), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "snakemake: error: params.yaml: unknown profile 'huge' (expected one of: demo, paper)" in proc.stderr
+
+
+def test_only_scale_4_validates(tmp_path):
+    """Every stage is built for x4; another scale fails at validation, in the stage scripts and in the Snakefile."""
+    doc = _params()
+    doc["demo"]["data"]["scale"] = 2
+    msg = "params.yaml: key 'demo.data.scale' must be 4, got 2"
+    with pytest.raises(ConfigError) as err:
+        load_params(_write(tmp_path, doc))
+    assert str(err.value) == msg
+    params = tmp_path / "params.yaml"
+    proc = subprocess.run([sys.executable, str(ROOT / "pipeline" / "download.py"), "--params", str(params)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"srmap download: error: {msg}"], proc.stderr
+
+    from conftest import tool_env
+
+    override = _write(tmp_path, {"demo": {"data": {"scale": 2}}})
+    proc = subprocess.run(["snakemake", "-n", "--cores", "1", f"--configfile={override}"], cwd=ROOT,
+                          env=tool_env(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"snakemake: error: {msg}" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_resources_live_outside_the_tracked_sections(tmp_path):
+    _, p = load_params(ROOT / "params.yaml", "paper")
+    assert p["resources"]["train_gan"] == {"gpus": 1, "cpus": 8, "mem_mb": 64000, "runtime": 7200}
+    assert all("resources" not in p[stage] for stage in ("pretrain", "train_gan", "evaluate"))
+    doc = _params()
+    doc["demo"]["pretrain"]["resources"] = {"gpus": 1, "cpus": 2, "mem_mb": 4000, "runtime": 30}  # the old layout
+    with pytest.raises(ConfigError, match=r"unknown key 'demo\.pretrain\.resources'"):
+        load_params(_write(tmp_path, doc))
+    doc = _params()
+    doc["demo"]["resources"]["evaluate"]["mem_mb"] = "lots"
+    with pytest.raises(ConfigError, match=r"key 'demo\.resources\.evaluate\.mem_mb' must be an integer, got 'lots'"):
+        load_params(_write(tmp_path, doc))

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from srmap.data import (MANIFEST, ImageConversionWarning, PatchDataset, degrade_split, fetch_skimage, read_image,
-                        worker_init_fn, write_png)
+                        write_png)
 from srmap.degrade import imresize
 
 MAXPIX = 10_000_000
@@ -197,7 +197,7 @@ def test_patches_are_a_pure_function_of_seed_and_index(tmp_path):
     for i in (0, 5, 63, 17):  # any order
         assert torch.equal(a[i][1], b[i][1])
     assert any(not torch.equal(a[i][1], c[i][1]) for i in range(8))
-    loader = torch.utils.data.DataLoader(a, batch_size=4, num_workers=2, worker_init_fn=worker_init_fn)
+    loader = torch.utils.data.DataLoader(a, batch_size=4, num_workers=2)
     direct = torch.stack([a[i][0] for i in range(64)])
     assert torch.equal(torch.cat([lr for lr, _ in loader]), direct)
     with pytest.raises(IndexError):

@@ -106,7 +106,8 @@ def dry_run_jobs(tree: Path, gpus: int | None) -> dict[str, str]:
     cmd = [str(VENV_BIN / "snakemake"), "--profile", "profiles/slurm", "-n", "-p", "-F", "--nolock"]
     if gpus is not None:
         override = tree / f"gpus{gpus}.yaml"
-        override.write_text(yaml.safe_dump({"demo": {s: {"resources": {"gpus": gpus}} for s in ("pretrain", "train_gan")}}))
+        gpu_counts = {s: {"gpus": gpus} for s in ("pretrain", "train_gan")}
+        override.write_text(yaml.safe_dump({"demo": {"resources": gpu_counts}}))
         cmd.append(f"--configfile={override}")
     cmd += ["--", "models/demo/train_gan/generator.pt"]
     proc = run(cmd, tree, tool_env(tree), 300)

@@ -166,7 +166,8 @@ def test_gan_kill_and_resume_is_bit_identical(data_dir, init_generator, tmp_path
     assert_same_state(load_checkpoint(full)["state_dict"], load_checkpoint(resumed)["state_dict"])
     a, b = load_checkpoint(tmp_path / "full" / "checkpoint.pt"), load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert_same_state(a["D"], b["D"])
-    assert not torch.equal(a["G"]["to_rgb_x4.weight"], load_checkpoint(init_generator)["state_dict"]["to_rgb_x4.weight"])
+    init_state = load_checkpoint(init_generator)["state_dict"]
+    assert not torch.equal(a["G"]["to_rgb_x4.weight"], init_state["to_rgb_x4.weight"])
     assert (tmp_path / "full" / "losses.csv").read_text() == (tmp_path / "cut" / "losses.csv").read_text()
     rows = read_csv(tmp_path / "full" / "losses.csv")
     assert tuple(rows[0]) == GAN_COLUMNS and [int(r["step"]) for r in rows] == [1, 2, 3, 4]

@@ -1,14 +1,23 @@
-"""dvc.yaml and the Snakefile must describe the same six stages: names, scripts, inputs and outputs."""
+"""dvc.yaml and the Snakefile must describe the same six stages: names, scripts, inputs, outputs and
+tracked params; their code deps are each stage script's import closure; their outputs are the paths the
+stage scripts write (srmap.config.Paths); and resources stay out of what DVC tracks."""
 
 from __future__ import annotations
 
+import ast
+import json
 import re
+import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import ROOT, tool_env
+from srmap.config import Paths
+from srmap.utils import import_closure
 
 STAGES = ["download", "degrade", "pretrain", "train_gan", "evaluate", "report"]
 
@@ -90,3 +99,242 @@ def test_dvc_dag_lists_the_six_stages():
     assert proc.returncode == 0, proc.stderr
     for stage in STAGES:
         assert f'"{stage}"' in proc.stdout
+
+
+# ------------------------------------------------------------------ code deps (import closure)
+
+def srmap_code(paths) -> set[str]:
+    return {p for p in paths if p.startswith("srmap/") and p.endswith(".py")}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_code_deps_are_the_scripts_import_closure(both, stage):
+    closure = {str(p.relative_to(ROOT)) for p in import_closure(ROOT / "pipeline" / f"{stage}.py")}
+    assert "srmap/config.py" in closure  # every stage script validates params.yaml through it
+    dvc, smk = both
+    assert srmap_code(dvc[stage]["deps"]) == closure, f"dvc.yaml {stage}: srmap deps != import closure"
+    assert srmap_code(smk[stage]["deps"]) == closure, f"Snakefile {stage}: srmap deps != import closure"
+
+
+def test_import_closure_follows_lazy_and_transitive_imports(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text("import os\nfrom srmap import nets\n\ndef f():\n    from srmap.report import build_report\n")
+    names = {p.name for p in import_closure(script)}
+    assert {"nets.py", "report.py", "evaluate.py", "metrics.py"} <= names  # report -> evaluate -> metrics
+    assert "train.py" not in names and "cli.py" not in names
+
+
+def test_training_fingerprint_covers_exactly_declared_code(both):
+    """srmap.train.code_fingerprint hashes train.py and its import closure; each training stage declares
+    all of it, so a change that invalidates a checkpoint also re-runs the stage (and vice versa for
+    everything but the stage's own plumbing: config, tracking)."""
+    fingerprinted = {"srmap/train.py"} | {str(p.relative_to(ROOT)) for p in import_closure(ROOT / "srmap/train.py")}
+    dvc, smk = both
+    for stage in ("pretrain", "train_gan"):
+        declared = srmap_code(dvc[stage]["deps"])
+        assert fingerprinted <= declared, (stage, fingerprinted - declared)
+        assert declared - fingerprinted <= {"srmap/config.py", "srmap/tracking.py"}, stage
+
+
+# ------------------------------------------------------------------ paths: Paths vs both engines
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def _stage_paths(script: Path) -> set[str]:
+    """Relative paths a stage script spells from ``ctx.paths.<attr>`` / ``ctx.root`` joined with
+    string literals by ``/`` (resolved for the demo profile)."""
+    paths = Paths(ROOT, "demo")
+
+    def value(node):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) \
+                and node.value.attr == "paths" and isinstance(node.value.value, ast.Name):
+            return getattr(paths, node.attr)
+        if isinstance(node, ast.Attribute) and node.attr == "root" and isinstance(node.value, ast.Name):
+            return ROOT
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant):
+            left = value(node.left)
+            return None if left is None else left / node.right.value
+        return None
+
+    found = set()
+    for node in ast.walk(ast.parse(script.read_text())):
+        v = value(node)
+        if v is not None and v != ROOT:
+            found.add(_rel(v))
+    return found
+
+
+def _related(path: str, declared: set[str]) -> bool:
+    """``path`` is a declared path, lies inside one, or is the folder of one."""
+    return any(path == d or path.startswith(d + "/") or d.startswith(path + "/") for d in declared)
+
+
+# Paths a stage reads that no engine declares, and why.
+UNDECLARED = {"data/archives": "optional hand-placed DIV2K zips; verified against srmap/div2k.json instead"}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_scripts_only_touch_declared_paths(both, stage):
+    dvc, smk = both
+    persist = {p for p in _all_dvc_outs()[stage] if p not in dvc[stage]["outs"]}  # resume state
+    used = _stage_paths(ROOT / "pipeline" / f"{stage}.py")
+    assert used, stage
+    for engine, st in (("dvc.yaml", dvc[stage]), ("Snakefile", smk[stage])):
+        declared = st["deps"] | st["outs"] | persist
+        bad = {p for p in used if not _related(p, declared) and p not in UNDECLARED}
+        assert not bad, f"pipeline/{stage}.py uses {sorted(bad)}, which {engine} does not declare for {stage}"
+
+
+def test_paths_name_the_declared_outputs(both):
+    """Every output folder Paths names is a declared out, or holds declared outs, of exactly one stage in
+    both engines; every declared out lies under something Paths names."""
+    paths = Paths(ROOT, "demo")
+    names = [a for a, v in vars(Paths).items() if isinstance(v, property)]
+    assert set(names) == {"hr", "prepared", "pretrain", "train_gan", "results", "report"}
+    named = {a: _rel(getattr(paths, a)) for a in names}
+    for engine, stages in zip(("dvc.yaml", "Snakefile"), both):
+        for attr, rel in named.items():
+            owners = [s for s, st in stages.items() if any(o == rel or o.startswith(rel + "/") for o in st["outs"])]
+            assert len(owners) == 1, f"{engine}: Paths.{attr} ({rel}) is written by {owners or 'no stage'}"
+        for stage, st in stages.items():
+            for out in st["outs"]:
+                assert any(out == r or out.startswith(r + "/") for r in named.values()), (engine, stage, out)
+
+
+def _all_dvc_outs(profile: str = "demo") -> dict[str, set[str]]:
+    """Every out of every dvc.yaml stage, persistent (resume-state) ones included."""
+    doc = yaml.safe_load((ROOT / "dvc.yaml").read_text().replace("${profile}", profile))
+    return {name: {item if isinstance(item, str) else next(iter(item)) for key in ("outs", "metrics", "plots")
+                   for item in st.get(key, [])} for name, st in doc["stages"].items()}
+
+
+# ------------------------------------------------------------------ params and resources
+
+def test_snakefile_rules_track_their_dvc_stages_params():
+    text = (ROOT / "Snakefile").read_text()
+    for stage in STAGES:
+        block = re.search(rf"\nrule {stage}:\n(.*?)(?=\nrule |\Z)", text, re.S).group(1)
+        assert re.search(rf'\n        tracked=tracked\("{stage}"\),\n', block), f"rule {stage}: params.tracked"
+
+
+SNAKEMAKE_RULES = """
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings, StorageSettings
+
+# Load the workflow (no DAG, no jobs) and print each rule's tracked params and resources.
+# Uses the workflow object behind the API: pinned snakemake 9.27.1.
+with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
+    wf = api.workflow(resource_settings=ResourceSettings(cores=1), config_settings=ConfigSettings(),
+                      storage_settings=StorageSettings(), snakefile=Path("Snakefile"), workdir=Path("."))
+    rules = {}
+    for r in wf._workflow.rules:
+        if r.name == "all":
+            continue
+        res = {k: r.resources[k].value if hasattr(r.resources[k], "value") else r.resources[k]
+               for k in ("cpus_per_task", "mem_mb", "runtime", "gpu") if k in r.resources}
+        rules[r.name] = {"tracked": r.params.get("tracked"), "resources": res}
+json.dump(rules, sys.stdout)
+"""
+
+
+def _placeholder(path: Path) -> None:
+    """A stand-in for a stage output: a file, or a folder holding one file (no suffix = folder)."""
+    if path.suffix:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}\n" if path.suffix == ".json" else "step\n" if path.suffix == ".csv" else "x\n")
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "placeholder").write_text("x\n")
+
+
+@pytest.fixture(scope="module")
+def committed(tmp_path_factory) -> Path:
+    """A copy of the working tree in which every demo stage's outputs exist (placeholders) and
+    `dvc commit -f` has recorded them in dvc.lock, as after a finished `dvc repro`."""
+    tree = tmp_path_factory.mktemp("lock") / "srmap"
+    files = subprocess.run(["git", "ls-files", "-z", "-c", "-o", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        if (ROOT / rel).is_file():
+            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, tree / rel)
+    (tree / "dvc.lock").unlink(missing_ok=True)
+    for outs in _all_dvc_outs().values():
+        for out in outs:
+            _placeholder(tree / out)
+    env = tool_env(tree)
+    for cmd in (["dvc", "config", "--local", "core.no_scm", "true"], ["dvc", "commit", "-f", "-q"]):
+        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    assert _dvc_status(tree) == {}
+    return tree
+
+
+def _dvc_status(tree: Path) -> dict:
+    proc = subprocess.run(["dvc", "status", "--json"], cwd=tree, env=tool_env(tree), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout or "{}")
+
+
+def _snakemake_rules(tree: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-c", SNAKEMAKE_RULES], cwd=tree, env=tool_env(tree),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_both_engines_track_the_same_params(committed):
+    """The keys and values DVC recorded per stage (dvc.lock) are exactly what each Snakemake rule tracks."""
+    lock = yaml.safe_load((committed / "dvc.lock").read_text())["stages"]
+    rules = _snakemake_rules(committed)
+    assert sorted(rules) == sorted(STAGES)
+    for stage in STAGES:
+        dvc_params = lock[stage]["params"]["params.yaml"]
+        assert rules[stage]["tracked"] == dvc_params, stage
+    assert "demo.data.workers" in lock["degrade"]["params"]["params.yaml"]
+    assert "demo.data.workers" not in lock["download"]["params"]["params.yaml"]
+
+
+def test_resource_edits_leave_dvc_status_clean(committed):
+    """Editing every resource value leaves every DVC stage up to date, while the Snakefile picks the
+    new values up; editing a tracked value marks exactly its stage changed."""
+    params_path = committed / "params.yaml"
+    original = params_path.read_text()
+    doc = yaml.safe_load(original)
+    try:
+        resources = doc["demo"]["resources"]
+        for stage in resources:
+            resources[stage] = {k: v + 3 for k, v in resources[stage].items()}
+        params_path.write_text(yaml.safe_dump(doc))
+        assert _dvc_status(committed) == {}
+        rules = _snakemake_rules(committed)
+        for stage, r in resources.items():
+            got = rules[stage]["resources"]
+            assert (got["cpus_per_task"], got["mem_mb"], got["runtime"], got.get("gpu")) == \
+                (r["cpus"], r["mem_mb"], r["runtime"], r["gpus"]), stage
+        doc["demo"]["evaluate"]["samples"] += 1  # control: a tracked value
+        params_path.write_text(yaml.safe_dump(doc))
+        changed = _dvc_status(committed)
+        assert set(changed) == {"evaluate"}, changed
+    finally:
+        params_path.write_text(original)
+
+
+def test_conda_env_installs_the_lock():
+    """Every rule names envs/srmap.yaml (snakemake --lint wants software per rule); it must install
+    exactly requirements.lock on a Python the package supports."""
+    env = yaml.safe_load((ROOT / "envs" / "srmap.yaml").read_text())
+    deps = env["dependencies"]
+    python = next(d for d in deps if isinstance(d, str) and d.startswith("python="))
+    pip = next(d["pip"] for d in deps if isinstance(d, dict))
+    assert pip == ["-r ../requirements.lock"] and (ROOT / "envs" / "../requirements.lock").is_file()
+    floor = re.search(r'requires-python = ">=([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert tuple(map(int, python.split("=")[1].split("."))) >= tuple(map(int, floor.split(".")))
+    text = (ROOT / "Snakefile").read_text()
+    assert 'CONDA_ENV = "envs/srmap.yaml"' in text
+    assert text.count("\n    conda:\n        CONDA_ENV\n") == len(STAGES)
