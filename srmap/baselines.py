@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
 
 SCALE = 4
 _KEYS_SHOWN = 3  # how many state-dict keys an "unrecognised file" message quotes
