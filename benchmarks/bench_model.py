@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from srmap.config import load_params  # noqa: E402
 from srmap.nets import (  # noqa: E402
     CriticConfig,
-    Discriminator,
+    Critic,
     Generator,
     GeneratorConfig,
     count_params,
@@ -135,7 +135,7 @@ def mode_calls(net: torch.nn.Module, x: torch.Tensor, device: str, modes: list[M
     return out
 
 
-def train_step_seconds(g: Generator, d: Discriminator, lr_patch: int, batch: int, device: str, mode: Mode,
+def train_step_seconds(g: Generator, d: Critic, lr_patch: int, batch: int, device: str, mode: Mode,
                        iters: int, warmup: int) -> float:
     """Seconds of one GAN step: G on ``batch`` LR patches, the critic on those fakes and ``batch`` reals."""
     hr = 4 * lr_patch
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         batch = args.batch or (32 if dev == "cuda" else 8 if small else 1)
         iters = args.iters or (20 if dev == "cuda" else 5 if small else 2)
         g = Generator(g_cfg).to(dev)
-        d = Discriminator(d_cfg).to(dev)
+        d = Critic(d_cfg).to(dev)
         nets = [("G", g, (3, lr_patch, lr_patch)), ("D", d, (3, d_cfg.in_size, d_cfg.in_size))]
         print(f"\n[{profile}] LR {lr_patch} -> HR {hr}, batch {batch}, {iters} rounds"
               f" | G {count_params(g):,} params | D {count_params(d):,} params")
@@ -258,10 +258,10 @@ def main(argv: list[str] | None = None) -> None:
                       f" {train_rate / peak_train:6.1%} {speedup:8.2f}x")
         print(f"baseline {mm_name}: {fmt_rate(peak)} (best of the rounds above)")
         y1 = torch.rand(1, 3, lr_patch, lr_patch, device=dev)
-        noise = interleaved({"hash": lambda: g.noise(y1, 0, 1.0, (0, 0)),
-                             "randn": lambda: g.noise(y1, None, 1.0, (0, 0))}, max(iters, 5), 1, dev)
+        noise = interleaved({"hash": lambda: g(y1, seed=0), "randn": lambda: g(y1)},
+                            max(iters, 5), 1, dev)
         t_hash, t_randn = statistics.median(noise["hash"]), statistics.median(noise["randn"])
-        print(f"noise maps for one {lr_patch}x{lr_patch} patch, {g_cfg.noise_layers} layers: "
+        print(f"noise maps for one {lr_patch}x{lr_patch} patch, {len(g.injectors())} injectors (whole forward): "
               f"hash {t_hash * 1e3:.2f} ms, "
               f"randn {t_randn * 1e3:.2f} ms ({t_hash / t_randn:.1f}x randn, "
               f"{t_hash / fwd_per_patch['G']:.2%} of a {modes[0].name} G forward per patch)")

@@ -1,9 +1,10 @@
 """Stage `evaluate`: score bicubic, the L1 generator and SRMAP with the NTIRE 2021 protocol.
 
 Reads params `<profile>.evaluate`; reads `data/<profile>/prepared/valid` and
-both generators. Writes `results/<profile>/eval/` (SR images and per-image
-CSVs) and the DVC metrics file `results/<profile>/metrics.json`; logs the
-means to MLflow.
+both generators. Writes `results/<profile>/eval/` (SR images, per-image CSVs
+and methods.json: labels and the LPIPS weight source) and the DVC metrics
+file `results/<profile>/metrics.json` ({method slug: {metric: number}}); logs
+the same numbers to MLflow as `<slug>/<metric>`.
 """
 
 import sys
@@ -16,29 +17,27 @@ from srmap.utils import atomic_dir, atomic_write_json  # noqa: E402
 
 
 def main(ctx: StageContext) -> None:
-    from srmap.evaluate import BICUBIC, L1, SRMAP, evaluate_stage, method_slug
+    from srmap.evaluate import Method, evaluate_stage
     from srmap.tracking import Tracker
 
     section = ctx.params["evaluate"]
-    generators = {
-        BICUBIC: None,
-        L1: ctx.paths.pretrain / "generator.pt",
-        SRMAP: ctx.paths.train_gan / "generator.pt",
-    }
-    with Tracker(ctx.root, stage="evaluate", profile=ctx.profile, params={"evaluate": section}) as tracker:
+    # Table 2's measured rows, in order. A further method (a baseline) is one more Method here.
+    methods = [Method("bicubic", "Bicubic"),
+               Method("l1", "Generator w/ L1 (ours)", ctx.paths.pretrain / "generator.pt"),
+               Method("srmap", "SRMAP (ours)", ctx.paths.train_gan / "generator.pt", samples=section["samples"])]
+    with Tracker(ctx.root, stage="evaluate", profile=ctx.profile, params={"evaluate": section},
+                 pipeline_params=ctx.params) as tracker:
         with atomic_dir(ctx.paths.results / "eval") as tmp:
-            results = evaluate_stage(valid_dir=ctx.paths.prepared / "valid", generators=generators, out_dir=tmp,
-                                     samples=section["samples"], noise_scale=section["noise_scale"],
-                                     crop_border=section["crop_border"], lpips_pretrained=section["lpips_pretrained"],
-                                     tile=section["tile"], tile_pad=section["tile_pad"])
-        atomic_write_json(ctx.paths.results / "metrics.json", results)
-        for method, summary in results.items():
-            tracker.log_metrics({f"{method_slug(method)}/{k}": v for k, v in summary.items()
-                                 if isinstance(v, (int, float))})
-            if not section["lpips_pretrained"]:
-                tracker.set_tags({"lpips_backbone": "untrained (LPIPS and diversity not comparable)"})
+            metrics, info = evaluate_stage(valid_dir=ctx.paths.prepared / "valid", methods=methods, out_dir=tmp,
+                                           noise_scale=section["noise_scale"], crop_border=section["crop_border"],
+                                           lpips_pretrained=section["lpips_pretrained"], tile=section["tile"],
+                                           tile_pad=section["tile_pad"])
+        atomic_write_json(ctx.paths.results / "metrics.json", metrics)
+        tracker.log_metrics({f"{slug}/{k}": v for slug, leaves in metrics.items() for k, v in leaves.items()})
+        tracker.set_tags({"lpips_weights": info["lpips"]["weights"]})
         tracker.log_artifact(ctx.paths.results / "metrics.json")
-    print(f"evaluate: metrics in {ctx.paths.results / 'metrics.json'}")
+        tracker.log_artifact(ctx.paths.results / "eval" / "methods.json")
+    print(f"evaluate: metrics in {ctx.paths.results / 'metrics.json'} (LPIPS weights: {info['lpips']['weights']})")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ def main(ctx: StageContext) -> None:
     model = ctx.params["model"]["generator"]
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with Tracker(ctx.root, stage="pretrain", profile=ctx.profile, enabled=rank0,
-                 params={"pretrain": section, "model": {"generator": model}}) as tracker:
+                 params={"pretrain": section, "model": {"generator": model}}, pipeline_params=ctx.params) as tracker:
+        tracker.log_dataset(ctx.paths.prepared / "train", name=f"{ctx.profile}-train")
         out = pretrain(data_dir=ctx.paths.prepared / "train", out_dir=ctx.paths.pretrain,
                        gen_cfg=generator_config(model), tracker=tracker, **section)
     if rank0:

@@ -26,7 +26,8 @@ def main(ctx: StageContext) -> None:
     model = ctx.params["model"]
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with Tracker(ctx.root, stage="train_gan", profile=ctx.profile, enabled=rank0,
-                 params={"train_gan": section, "model": model}) as tracker:
+                 params={"train_gan": section, "model": model}, pipeline_params=ctx.params) as tracker:
+        tracker.log_dataset(ctx.paths.prepared / "train", name=f"{ctx.profile}-train")
         out = train_gan(data_dir=ctx.paths.prepared / "train", out_dir=ctx.paths.train_gan,
                         init_generator=ctx.paths.pretrain / "generator.pt",
                         gen_cfg=generator_config(model["generator"]), critic_cfg=critic_config(model["critic"]),

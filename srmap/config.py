@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 NUM = (int, float)
+OPT_NUM = (int, float, type(None))  # a number or null
 RESOURCES = {"gpus": int, "cpus": int, "mem_mb": int, "runtime": int}  # one stage's cluster request
 _TRAIN_COMMON = {
     "seed": int, "batch_size": int, "lr_patch": int, "betas": list, "epochs": int, "iters_per_epoch": int,
@@ -25,14 +26,14 @@ _TRAIN_COMMON = {
 SCHEMA: dict[str, Any] = {
     "data": {"source": str, "train": list, "valid": list, "scale": int, "max_pixels": int, "workers": int},
     "model": {
-        "generator": {"stem_width": int, "feature_widths": list, "stages": int, "blocks_per_stage": int,
-                      "compression": int, "kernel_size": int, "noise_init": NUM},
-        "critic": {"in_size": int, "widths": list, "blocks_per_stage": int, "compression": int,
-                   "kernel_size": int, "fc_widths": list},
+        "generator": {"stem_width": int, "feature_widths": list, "blocks_per_stage": list,
+                      "compression": int, "kernel_size": int},
+        "critic": {"basis_size": int, "stage_widths": list, "blocks_per_stage": list, "epilog_width": int,
+                   "latent_width": int, "compression": int, "kernel_size": int},
     },
-    "pretrain": {**_TRAIN_COMMON, "lr": NUM},
+    "pretrain": {**_TRAIN_COMMON, "lr": NUM, "noise": bool},
     "train_gan": {**_TRAIN_COMMON, "lr_g": NUM, "lr_d": NUM, "alpha": NUM, "r1_gamma": NUM, "adv_loss": str,
-                  "image_every": int},
+                  "image_every": int, "ema_beta": NUM, "noise_init": OPT_NUM},
     "evaluate": {"samples": int, "noise_scale": NUM, "crop_border": int, "lpips_pretrained": bool, "tile": int,
                  "tile_pad": int},
     "report": {"crop_size": int, "seed": int},
@@ -52,6 +53,8 @@ def _type_name(t: Any) -> str:
         return "a mapping"
     if t is NUM:
         return "a number"
+    if t is OPT_NUM:
+        return "a number or null"
     return {int: "an integer", bool: "true/false", str: "a string", list: "a list"}[t]
 
 
@@ -68,8 +71,8 @@ def _check(node: Any, schema: Mapping[str, Any], where: str, fname: str) -> None
             continue
         # bool is an int subclass: keep true/false out of numeric keys and vice versa
         ok = isinstance(value, t) and not (t is not bool and isinstance(value, bool))
-        if t is NUM:
-            ok = isinstance(value, NUM) and not isinstance(value, bool)
+        if t is NUM or t is OPT_NUM:
+            ok = isinstance(value, t) and not isinstance(value, bool)
         if not ok:
             raise ConfigError(f"{fname}: key '{dotted}' must be {_type_name(t)}, got {value!r}")
     for key in node:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -35,21 +36,31 @@ from srmap.utils import atomic_path
 if TYPE_CHECKING:
     import pandas as pd
 
-# Method names of Table 2's measured rows; evaluate_stage gives BICUBIC/other generators one
-# deterministic output and SRMAP `samples` stochastic ones.
-BICUBIC = "Bicubic"
-L1 = "Generator w/ L1 (ours)"
-SRMAP = "SRMAP (ours)"
 COLUMNS = ["image", "LPIPS_mean", "LRPSNR_mean", "LRPSNR_worst", "score", "PSNR", "SSIM", "PSNR_Y", "SSIM_Y"]
+# Dataset metric names (metrics.json leaves, MLflow keys) and the per-image column each is the mean of; the
+# CSV keeps the NTIRE measure.py / BasicSR names. 'samples' and 'images' complete a method's metrics.
+METRICS = {"lpips": "LPIPS_mean", "lr_psnr": "LRPSNR_mean", "lr_psnr_worst": "LRPSNR_worst", "diversity": "score",
+           "psnr": "PSNR", "ssim": "SSIM", "psnr_y": "PSNR_Y", "ssim_y": "SSIM_Y"}
 SCALE = 4
+_SLUG = re.compile(r"[a-z0-9_]+")
 
 
-def method_slug(method: str) -> str:
-    """File-system name of a method: lower case, runs of other characters as '_' ('SRMAP (ours)' -> 'srmap_ours')."""
-    slug = re.sub(r"[^a-z0-9]+", "_", method.lower()).strip("_")
-    if not slug:
-        raise ValueError(f"method name {method!r} has no letters or digits to build a folder name from")
-    return slug
+@dataclass(frozen=True)
+class Method:
+    """One row of Table 2: how its SR outputs are made and what it is called."""
+
+    slug: str  # identity: metrics.json key, MLflow prefix, folder/CSV name; [a-z0-9_]+
+    label: str  # display label in Table 2 and the figures; never decides behaviour
+    checkpoint: Path | None = None  # generator checkpoint (generator.pt); None = MATLAB bicubic x4 of the LR
+    samples: int = 1  # SR outputs per LR image: 1 = deterministic (noise off), N > 1 = seeds 0..N-1
+
+    def __post_init__(self):
+        if not _SLUG.fullmatch(self.slug):
+            raise ValueError(f"method slug {self.slug!r}: expected lower-case letters, digits and '_'")
+        if self.samples < 1:
+            raise ValueError(f"method {self.slug!r}: samples must be >= 1, got {self.samples}")
+        if self.checkpoint is None and self.samples != 1:
+            raise ValueError(f"method {self.slug!r}: bicubic is deterministic, samples must be 1")
 
 
 def _gt_files(gt_dir: Path) -> list[Path]:
@@ -173,10 +184,14 @@ def evaluate_dirs(gt_dir, sr_dir, *, samples: int = 10, scale: int = SCALE, lpip
 
 
 def summarize(df: "pd.DataFrame") -> dict[str, float]:
-    """Dataset numbers: the plain mean of each per-image column (an inf PSNR makes its mean inf), plus 'images'."""
+    """Dataset metrics: the plain mean of each per-image column under its METRICS name, plus 'images'.
+
+    Keys: lpips, lr_psnr, lr_psnr_worst, diversity, psnr, ssim, psnr_y, ssim_y
+    (floats; an inf PSNR makes its mean inf) and images (int).
+    """
     if len(df) == 0:
         raise ValueError("summarize: no per-image rows")
-    out = {c: float(df[c].astype(float).mean()) for c in COLUMNS[1:]}
+    out: dict[str, float] = {k: float(df[col].astype(float).mean()) for k, col in METRICS.items()}
     out["images"] = int(len(df))
     return out
 
@@ -205,31 +220,42 @@ def evaluate_command(gt, sr, samples, scale, out_csv, lpips_pretrained, device, 
         print(f"srmap evaluate: {exc}", file=sys.stderr)
         return 2
     write_csv(df, Path(out_csv))
-    if not lpips.pretrained:
-        print("note: LPIPS used an untrained AlexNet backbone; LPIPS and diversity are not comparable")
+    print(f"LPIPS weights: {lpips.weights}")
     print(_format_summary(summarize(df)))
     print(f"per-image scores: {out_csv}")
     return 0
 
 
-def _generate(method: str, checkpoint: Path | None, lr_files: list[Path], sr_dir: Path, *, samples: int,
-              noise_scale: float, tile: int, tile_pad: int, device: str) -> None:
-    """Write each LR image's SR output(s): bicubic for checkpoint None; seeds 0..samples-1 at ``noise_scale``."""
+def _generate(method: Method, lr_files: list[Path], sr_dir: Path, *, noise_scale: float, tile: int,
+              tile_pad: int, device: str) -> None:
+    """Write each LR image's SR output(s): <stem>.png, or <stem>_s<k>.png for seeds 0..samples-1 at ``noise_scale``."""
     from tqdm import tqdm
 
     from srmap.degrade import imresize
     from srmap.inference import load_generator, upscale_image
 
-    G = None if checkpoint is None else load_generator(checkpoint, device=device)
-    for lr_path in tqdm(lr_files, desc=f"upscale {method}", unit="img", file=sys.stderr):
+    G = None if method.checkpoint is None else load_generator(Path(method.checkpoint), device=device)
+    noise = noise_scale if method.samples > 1 else 0.0
+    for lr_path in tqdm(lr_files, desc=f"upscale {method.slug}", unit="img", file=sys.stderr):
         lr = read_rgb(lr_path)
         if G is None:
             write_png(sr_dir / f"{lr_path.stem}.png", imresize(lr, SCALE))
         else:
-            for k in range(samples):
-                sr = upscale_image(G, lr, seed=k, noise_scale=noise_scale, tile=tile, tile_pad=tile_pad,
-                                   device=device)
-                write_png(sr_dir / (f"{lr_path.stem}.png" if samples == 1 else f"{lr_path.stem}_s{k}.png"), sr)
+            for k in range(method.samples):
+                sr = upscale_image(G, lr, seed=k, noise_scale=noise, tile=tile, tile_pad=tile_pad, device=device)
+                name = f"{lr_path.stem}.png" if method.samples == 1 else f"{lr_path.stem}_s{k}.png"
+                write_png(sr_dir / name, sr)
+
+
+def _shown_path(path: Path | None) -> str | None:
+    """``path`` relative to the working directory when inside it (the project root for a stage), else absolute."""
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
 
 
 def _check_valid_dir(valid_dir: Path) -> list[Path]:
@@ -242,37 +268,41 @@ def _check_valid_dir(valid_dir: Path) -> list[Path]:
     return lr_files
 
 
-def evaluate_stage(*, valid_dir: Path, generators: dict, out_dir: Path, samples: int, noise_scale: float,
+def evaluate_stage(*, valid_dir: Path, methods: Sequence[Method], out_dir: Path, noise_scale: float,
                    crop_border: int, lpips_pretrained: bool, tile: int, tile_pad: int,
-                   device: str | None = None) -> dict:
-    """Upscale the validation set with every method and score it; returns {method: summary}.
+                   device: str | None = None) -> tuple[dict, dict]:
+    """Upscale the validation set with every method and score it; returns ``(metrics, info)``.
 
-    ``valid_dir`` holds hr/<stem>.png and lr/<stem>.png. ``generators`` maps a
-    method name to a generator checkpoint, or None for MATLAB bicubic. The
-    method named ``SRMAP`` ("SRMAP (ours)") gets ``samples`` samples (seeds
-    0..samples-1, ``noise_scale``); every other generator one output with
-    noise_scale 0. Writes out_dir/sr/<slug>/<stem>_s<k>.png (or <stem>.png)
-    and out_dir/<slug>.csv. Each summary holds the means of ``summarize`` plus
-    'samples', 'slug' and 'lpips_backbone' ('alexnet' or 'untrained (not
-    comparable)').
+    ``valid_dir`` holds hr/<stem>.png and lr/<stem>.png. Each Method with
+    ``samples`` > 1 gets seeds 0..samples-1 at ``noise_scale``; one output
+    runs with noise off. Writes out_dir/sr/<slug>/<stem>_s<k>.png (or
+    <stem>.png), out_dir/<slug>.csv and out_dir/methods.json (= ``info``).
+    ``metrics`` is {slug: {lpips, lr_psnr, lr_psnr_worst, diversity, psnr,
+    ssim, psnr_y, ssim_y, samples, images}}, numbers only (DVC's metrics
+    file); ``info`` holds what is not a number: {"lpips": {"pretrained",
+    "weights"}, "methods": [{"slug", "label", "samples", "checkpoint"}]}.
     """
-    from srmap.utils import pick_device
+    from srmap.utils import atomic_write_json, pick_device
 
     valid_dir, out_dir = Path(valid_dir), Path(out_dir)
+    slugs = [m.slug for m in methods]
+    if not methods or len(set(slugs)) != len(slugs):
+        raise ValueError(f"methods: expected one or more distinct slugs, got {slugs}")
     device = pick_device(device)
     lr_files = _check_valid_dir(valid_dir)
     lpips = LPIPS(pretrained=lpips_pretrained, device=device)
-    slugs = {m: method_slug(m) for m in generators}
-    if len(set(slugs.values())) != len(slugs):
-        raise ValueError(f"method names {list(generators)} map to clashing folder names {list(slugs.values())}")
-    results = {}
-    for method, checkpoint in generators.items():
-        stochastic = method == SRMAP and checkpoint is not None
-        n = samples if stochastic else 1
-        sr_dir = out_dir / "sr" / slugs[method]
-        _generate(method, None if checkpoint is None else Path(checkpoint), lr_files, sr_dir, samples=n,
-                  noise_scale=noise_scale if stochastic else 0.0, tile=tile, tile_pad=tile_pad, device=device)
-        df = _score_dirs(valid_dir / "hr", sr_dir, n, SCALE, lpips, crop_border, True, desc=f"score {method}")
-        write_csv(df, out_dir / f"{slugs[method]}.csv")
-        results[method] = {**summarize(df), "samples": n, "slug": slugs[method], "lpips_backbone": lpips.backbone}
-    return results
+    metrics = {}
+    for method in methods:
+        sr_dir = out_dir / "sr" / method.slug
+        _generate(method, lr_files, sr_dir, noise_scale=noise_scale, tile=tile, tile_pad=tile_pad, device=device)
+        df = _score_dirs(valid_dir / "hr", sr_dir, method.samples, SCALE, lpips, crop_border, True,
+                         desc=f"score {method.slug}")
+        write_csv(df, out_dir / f"{method.slug}.csv")
+        summary = summarize(df)
+        metrics[method.slug] = {**{k: summary[k] for k in METRICS}, "samples": method.samples,
+                                "images": summary["images"]}
+    info = {"lpips": {"pretrained": lpips.pretrained, "weights": lpips.weights},
+            "methods": [{"slug": m.slug, "label": m.label, "samples": m.samples,
+                         "checkpoint": _shown_path(m.checkpoint)} for m in methods]}
+    atomic_write_json(out_dir / "methods.json", info)
+    return metrics, info

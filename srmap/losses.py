@@ -39,13 +39,16 @@ def l1_loss(sr: Tensor, hr: Tensor) -> Tensor:
     return F.l1_loss(sr.float(), hr.float())
 
 
-def fidelity_loss(lr: Tensor, sr: Tensor) -> Tensor:
+def fidelity_loss(lr: Tensor, sr: Tensor, border: int = 0) -> Tensor:
     """MAP data term ``|y - bicubic_down(G(y))|`` (report Eq. 4), mean over pixels.
 
     Takes the LR input (N,3,h,w) and the SR output (N,3,4h,4w), float in [0,1];
     ``sr`` is downscaled by MATLAB-exact antialiased bicubic, differentiably.
-    Returns a float32 scalar >= 0. Call it outside autocast: the resize would
-    otherwise run its convolutions in bf16.
+    ``border`` LR pixels at each edge are left out of the mean: for training
+    patches cut from a larger image, the resize mirrors at the patch edge
+    where the true LR saw the neighbouring pixels (2 for x4: the kernel's
+    support is 16 HR pixels). Returns a float32 scalar >= 0. Call it outside
+    autocast: the resize would otherwise run its convolutions in bf16.
     """
     from srmap.degrade import imresize
 
@@ -55,6 +58,11 @@ def fidelity_loss(lr: Tensor, sr: Tensor) -> Tensor:
         raise ValueError(f"sr has spatial size {tuple(sr.shape[-2:])}; expected 4x the LR size {tuple(lr.shape[-2:])}")
     down = imresize(sr.float(), 0.25)
     _check_pair("bicubic_down(sr)", down, "lr", lr)
+    b = int(border)
+    if b < 0 or 2 * b >= min(lr.shape[-2:]):
+        raise ValueError(f"border: {border} LR pixels leave nothing of a {tuple(lr.shape[-2:])} LR patch")
+    if b:
+        down, lr = down[..., b:-b, b:-b], lr[..., b:-b, b:-b]
     return F.l1_loss(down, lr.float())
 
 

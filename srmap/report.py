@@ -1,10 +1,12 @@
 """The report: Table 2 (measured and published rows), Figures 2-4 and a self-contained HTML page.
 
-Everything measured comes from the dict that ``evaluate_stage`` returned and
-from the images it wrote; the published rows come from ``reports/published.csv``
-and are shown in their own block, labelled as not re-run. When LPIPS ran with
-an untrained backbone (the offline demo), every LPIPS and diversity number of
-this run carries "untrained backbone, not comparable".
+Everything measured comes from the metrics ``evaluate_stage`` returned
+({slug: {metric: number}}), the ``methods.json`` it wrote next to its images
+(labels, row order, the LPIPS weight source) and the images themselves; the
+published rows come from ``reports/published.csv`` and are shown in their own
+block, labelled as not re-run. The LPIPS weight source is printed under the
+table. When LPIPS ran with the random trunk (smoke tests only), every LPIPS and
+diversity number of this run carries "random AlexNet trunk, not comparable".
 """
 
 from __future__ import annotations
@@ -12,22 +14,25 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import json
 import math
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from srmap.evaluate import BICUBIC, L1, SRMAP, method_slug
 from srmap.inference import read_rgb
-from srmap.metrics import BACKBONE_PRETRAINED
 from srmap.utils import atomic_path, atomic_write_text
 
 HEADERS = ["LPIPS ↓", "LR-PSNR ↑", "diversity ↑", "PSNR ↑", "SSIM ↑"]
 # Summary key behind each measured column, and its printed precision.
-MEASURED_KEYS = [("LPIPS_mean", 3), ("LRPSNR_mean", 2), ("score", 2), ("PSNR", 2), ("SSIM", 4)]
+MEASURED_KEYS = [("lpips", 3), ("lr_psnr", 2), ("diversity", 2), ("psnr", 2), ("ssim", 4)]
+DETAIL_KEYS = ["lpips", "lr_psnr", "lr_psnr_worst", "diversity", "psnr", "ssim", "psnr_y", "ssim_y", "samples",
+               "images"]
 PUBLISHED_COLUMNS = ["source", "method", "LPIPS", "LR-PSNR", "diversity"]
-NOT_COMPARABLE = "untrained backbone, not comparable"
+NOT_COMPARABLE = "random AlexNet trunk, not comparable"
+# Slugs of the methods Figures 2 and 3 show: the L1 generator and SRMAP.
+L1_SLUG, SRMAP_SLUG = "l1", "srmap"
 GAN_COLUMNS = ["step", "epoch", "fidelity", "generator", "critic", "r1", "lr_g", "lr_d"]
 PRETRAIN_COLUMNS = ["step", "epoch", "l1", "lr"]
 SCALE = 4
@@ -49,34 +54,45 @@ def _fmt(value: Any, digits: int) -> str:
     return f"{v:.{digits}f}"
 
 
-def _ordered_methods(results: Mapping[str, Mapping]) -> list[str]:
-    known = [m for m in (BICUBIC, L1, SRMAP) if m in results]
-    return known + [m for m in results if m not in known]
+def read_methods(results_dir: Path) -> dict:
+    """``results_dir/methods.json`` as evaluate_stage wrote it: {"lpips": {pretrained, weights}, "methods": [...]}."""
+    path = Path(results_dir) / "methods.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (evaluate writes it next to the SR images)")
+    info = json.loads(path.read_text())
+    for key in ("lpips", "methods"):
+        if key not in info:
+            raise ValueError(f"{path}: missing key {key!r}")
+    for m in info["methods"]:
+        for key in ("slug", "label", "samples"):
+            if key not in m:
+                raise ValueError(f"{path}: a method lacks key {key!r}")
+    return info
 
 
-def _comparable(summary: Mapping) -> bool:
-    return summary.get("lpips_backbone") == BACKBONE_PRETRAINED
+def measured_rows(metrics: Mapping[str, Mapping], info: Mapping, profile: str) -> list[dict[str, str]]:
+    """Table 2 rows of this run, in methods.json order: method (label), source, the five formatted cells, note.
 
-
-def measured_rows(results: Mapping[str, Mapping], profile: str) -> list[dict[str, str]]:
-    """Table 2 rows of this run: method, source, the five formatted cells, note.
-
-    ``results`` is evaluate_stage's dict; LPIPS and diversity cells of a run
-    with an untrained LPIPS backbone are suffixed with the not-comparable mark.
+    ``metrics`` is {slug: {metric: number}}; ``info`` the methods.json dict.
+    LPIPS and diversity cells of a run with the random trunk are suffixed with
+    the not-comparable mark.
     """
     rows = []
-    for method in _ordered_methods(results):
-        summary = results[method]
-        missing = [k for k, _ in MEASURED_KEYS if k not in summary]
+    comparable = bool(info["lpips"]["pretrained"])
+    for method in info["methods"]:
+        slug = method["slug"]
+        if slug not in metrics:
+            raise ValueError(f"metrics: no entry for method {slug!r} (have {sorted(metrics)})")
+        missing = [k for k, _ in MEASURED_KEYS if k not in metrics[slug]]
         if missing:
-            raise ValueError(f"results[{method!r}]: missing key {missing[0]!r} (expected evaluate_stage's summary)")
-        cells = [_fmt(summary[k], d) for k, d in MEASURED_KEYS]
+            raise ValueError(f"metrics[{slug!r}]: missing key {missing[0]!r} (expected evaluate_stage's metrics)")
+        cells = [_fmt(metrics[slug][k], d) for k, d in MEASURED_KEYS]
         note = ""
-        if not _comparable(summary):
+        if not comparable:
             cells[0] += f" ({NOT_COMPARABLE})"
             cells[2] += f" ({NOT_COMPARABLE})"
             note = f"LPIPS and diversity: {NOT_COMPARABLE}"
-        rows.append({"method": method, "source": f"measured, profile {profile}", **dict(zip(HEADERS, cells)),
+        rows.append({"method": method["label"], "source": f"measured, profile {profile}", **dict(zip(HEADERS, cells)),
                      "note": note})
     return rows
 
@@ -112,14 +128,15 @@ def _md_table(rows: list[dict[str, str]], first: str) -> list[str]:
     return lines
 
 
-def table2_markdown(measured: list[dict], published: list[dict], profile: str) -> str:
+def table2_markdown(measured: list[dict], published: list[dict], profile: str, lpips_weights: str) -> str:
     """Table 2 as Markdown: the measured block, then the published block with each row's source."""
     lines = [f"# Table 2 (profile `{profile}`)", "", "## Measured in this run", ""]
     lines += _md_table(measured, "method")
     if any(r["note"] for r in measured):
         lines += ["", f"**LPIPS and diversity of this run: {NOT_COMPARABLE}** (LPIPS ran with a randomly "
-                      "initialised AlexNet trunk, `lpips_pretrained: false`, the offline setting)."]
-    lines += ["", "LPIPS: mean over samples (AlexNet, v0.1, spatial); LR-PSNR: mean over samples, dB; diversity: "
+                      "initialised AlexNet trunk, `lpips_pretrained: false`, a smoke-test setting)."]
+    lines += ["", f"LPIPS weights: {lpips_weights}.", "",
+              "LPIPS: mean over samples (AlexNet, v0.1, spatial); LR-PSNR: mean over samples, dB; diversity: "
                   "NTIRE 2021 score, %; PSNR (dB) / SSIM: RGB, 4-pixel border shaved (BasicSR), mean over samples. "
                   "Dataset values are plain means over images.", "",
               "## Published, not re-run", ""]
@@ -127,9 +144,10 @@ def table2_markdown(measured: list[dict], published: list[dict], profile: str) -
     return "\n".join(lines) + "\n"
 
 
-def write_table2(measured: list[dict], published: list[dict], out_dir: Path, profile: str) -> None:
+def write_table2(measured: list[dict], published: list[dict], out_dir: Path, profile: str,
+                 lpips_weights: str) -> None:
     """Write out_dir/table2.md and out_dir/table2.csv (columns block, method, source, the five metrics, note)."""
-    atomic_write_text(out_dir / "table2.md", table2_markdown(measured, published, profile))
+    atomic_write_text(out_dir / "table2.md", table2_markdown(measured, published, profile, lpips_weights))
     with atomic_path(out_dir / "table2.csv") as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
@@ -144,17 +162,21 @@ def write_table2(measured: list[dict], published: list[dict], out_dir: Path, pro
 # ---------------------------------------------------------------------------
 
 
-def _sr_paths(results_dir: Path, results: Mapping[str, Mapping], method: str, stem: str) -> list[Path]:
-    if method not in results:
-        raise ValueError(f"results: no entry for {method!r}, which Figures 2 and 3 need (have {list(results)})")
-    summary = results[method]
-    slug = summary.get("slug") or method_slug(method)
-    n = int(summary.get("samples", 1))
+def _method(info: Mapping, slug: str) -> Mapping:
+    for m in info["methods"]:
+        if m["slug"] == slug:
+            return m
+    raise ValueError(f"methods.json: no method {slug!r}, which Figures 2 and 3 need "
+                     f"(have {[m['slug'] for m in info['methods']]})")
+
+
+def _sr_paths(results_dir: Path, info: Mapping, slug: str, stem: str) -> list[Path]:
+    n = int(_method(info, slug)["samples"])
     folder = Path(results_dir) / "sr" / slug
     paths = [folder / f"{stem}.png"] if n == 1 else [folder / f"{stem}_s{k}.png" for k in range(n)]
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{missing[0]}: SR image of {method!r} not found (expected {n} output(s) per image)")
+        raise FileNotFoundError(f"{missing[0]}: SR image of {slug!r} not found (expected {n} output(s) per image)")
     return paths
 
 
@@ -212,7 +234,7 @@ def _plt():
     return plt
 
 
-def figure2(results: Mapping, results_dir: Path, valid_dir: Path, hr_images: Mapping[str, np.ndarray],
+def figure2(info: Mapping, results_dir: Path, valid_dir: Path, hr_images: Mapping[str, np.ndarray],
             crop_size: int, seed: int, out: Path) -> str:
     """Figure 2: LR | HR | L1 output | SRMAP output (sample 0) on one window; returns the chosen image stem."""
     plt = _plt()
@@ -222,8 +244,9 @@ def figure2(results: Mapping, results_dir: Path, valid_dir: Path, hr_images: Map
     lr_crop = lr[top // SCALE:top // SCALE + s, left // SCALE:left // SCALE + s]
     panels = [("Input LR (nearest x4)", np.repeat(np.repeat(lr_crop, SCALE, 0), SCALE, 1)),
               ("Ground-truth HR", hr_images[stem][top:top + size, left:left + size])]
-    for title, method in (("L1 generator", L1), ("SRMAP, sample 0", SRMAP)):
-        sr = read_rgb(_sr_paths(results_dir, results, method, stem)[0])
+    for title, slug in ((_method(info, L1_SLUG)["label"], L1_SLUG),
+                        (f"{_method(info, SRMAP_SLUG)['label']}, sample 0", SRMAP_SLUG)):
+        sr = read_rgb(_sr_paths(results_dir, info, slug, stem)[0])
         panels.append((title, sr[top:top + size, left:left + size]))
     fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
     for ax, (title, img) in zip(axes, panels):
@@ -241,10 +264,10 @@ def stochasticity_map(samples: list[np.ndarray]) -> np.ndarray:
     return stack.std(axis=0).mean(axis=2)
 
 
-def figure3(results: Mapping, results_dir: Path, hr: np.ndarray, stem: str, out: Path) -> None:
+def figure3(info: Mapping, results_dir: Path, hr: np.ndarray, stem: str, out: Path) -> None:
     """Figure 3: the HR image next to the per-pixel std across the SRMAP samples (brighter = more difference)."""
     plt = _plt()
-    paths = _sr_paths(results_dir, results, SRMAP, stem)
+    paths = _sr_paths(results_dir, info, SRMAP_SLUG, stem)
     samples = [read_rgb(p) for p in paths]
     h = min([hr.shape[0]] + [s.shape[0] for s in samples])
     w = min([hr.shape[1]] + [s.shape[1] for s in samples])
@@ -331,15 +354,15 @@ def _html_table(rows: list[dict[str, str]], with_source: bool) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _details_table(results: Mapping[str, Mapping]) -> str:
-    keys = ["LPIPS_mean", "LRPSNR_mean", "LRPSNR_worst", "score", "PSNR", "SSIM", "PSNR_Y", "SSIM_Y", "samples",
-            "images", "lpips_backbone"]
-    head = "<th>method</th>" + "".join(f"<th>{k}</th>" for k in keys)
+def _details_table(metrics: Mapping[str, Mapping], info: Mapping) -> str:
+    head = "<th>method</th><th>slug</th>" + "".join(f"<th>{k}</th>" for k in DETAIL_KEYS)
     rows = []
-    for m in _ordered_methods(results):
-        s = results[m]
-        cells = [_fmt(s[k], 4) if isinstance(s.get(k), float) else html.escape(str(s.get(k, "—"))) for k in keys]
-        rows.append(f"<tr><td>{html.escape(m)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    for m in info["methods"]:
+        leaves = metrics[m["slug"]]
+        cells = [_fmt(leaves[k], 4) if isinstance(leaves.get(k), float) else html.escape(str(leaves.get(k, "—")))
+                 for k in DETAIL_KEYS]
+        rows.append(f"<tr><td>{html.escape(m['label'])}</td><td><code>{html.escape(m['slug'])}</code></td>"
+                    + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return (f'<div style="overflow-x:auto"><table><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table></div>")
 
@@ -355,13 +378,13 @@ th{background:#f0f0f0}.warn{background:#fff3cd;border:1px solid #e0c060;padding:
 img{max-width:100%;height:auto;display:block;margin:0.5em 0}figcaption{font-size:0.9em;color:#555}"""
 
 
-def report_html(*, measured: list[dict], published: list[dict], results: Mapping, figures: Mapping[str, Path],
-                profile: str, seed: int, crop_size: int) -> str:
+def report_html(*, measured: list[dict], published: list[dict], metrics: Mapping, info: Mapping,
+                figures: Mapping[str, Path], profile: str, seed: int, crop_size: int) -> str:
     """The report page as one self-contained HTML string (figures embedded as PNG data URIs)."""
     warn = ""
     if any(r["note"] for r in measured):
         warn = (f'<p class="warn"><strong>LPIPS and diversity of this run: {NOT_COMPARABLE}.</strong> '
-                "LPIPS used a randomly initialised AlexNet trunk (lpips_pretrained: false, the offline setting); "
+                "LPIPS used a randomly initialised AlexNet trunk (lpips_pretrained: false, a smoke-test setting); "
                 "those numbers only compare methods within this run.</p>")
     captions = {
         "fig2": "Figure 2. Super-resolution demonstration. First: input LR. Second: ground-truth HR. "
@@ -382,13 +405,14 @@ def report_html(*, measured: list[dict], published: list[dict], results: Mapping
 <h3>Measured in this run</h3>
 {warn}
 {_html_table(measured, with_source=False)}
+<p>LPIPS weights: {html.escape(info["lpips"]["weights"])}.</p>
 <p>LPIPS: mean over samples (AlexNet, v0.1, spatial). LR-PSNR: mean over samples, dB. Diversity: NTIRE 2021
 score, %. PSNR (dB) / SSIM: RGB, 4-pixel border shaved (BasicSR), mean over samples. Dataset values are plain
 means over images.</p>
 <h3>Published, not re-run</h3>
 {_html_table(published, with_source=True)}
 <h3>All measured numbers</h3>
-{_details_table(results)}
+{_details_table(metrics, info)}
 <h2>Figures</h2>
 {figs}
 </body></html>
@@ -399,19 +423,20 @@ def build_report(*, results: dict, results_dir: Path, valid_dir: Path, loss_csvs
                  out_dir: Path, crop_size: int, seed: int, profile: str) -> None:
     """Write table2.md, table2.csv, fig2.png, fig3.png, fig4.png and index.html into ``out_dir``.
 
-    ``results`` is evaluate_stage's dict (needs the L1 and SRMAP methods for
-    the figures); ``results_dir`` the folder evaluate_stage wrote (holding
-    sr/<slug>/); ``valid_dir`` holds hr/ and lr/; ``loss_csvs`` maps
-    'train_gan' (and optionally 'pretrain') to loss CSVs. Every file is
-    written atomically.
+    ``results`` is evaluate_stage's metrics dict {slug: {metric: number}};
+    ``results_dir`` the folder evaluate_stage wrote (methods.json and
+    sr/<slug>/; the figures need the methods 'l1' and 'srmap'); ``valid_dir``
+    holds hr/ and lr/; ``loss_csvs`` maps 'train_gan' (and optionally
+    'pretrain') to loss CSVs. Every file is written atomically.
     """
-    out_dir, valid_dir = Path(out_dir), Path(valid_dir)
+    out_dir, valid_dir, results_dir = Path(out_dir), Path(valid_dir), Path(results_dir)
     if not results:
-        raise ValueError("results: empty; expected evaluate_stage's {method: summary} dict")
-    measured = measured_rows(results, profile)
+        raise ValueError("results: empty; expected evaluate_stage's {slug: metrics} dict")
+    info = read_methods(results_dir)
+    measured = measured_rows(results, info, profile)
     published = published_rows(Path(published_csv))
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_table2(measured, published, out_dir, profile)
+    write_table2(measured, published, out_dir, profile, info["lpips"]["weights"])
 
     hr_dir = valid_dir / "hr"
     hr_files = sorted(hr_dir.glob("*.png"))
@@ -419,9 +444,9 @@ def build_report(*, results: dict, results_dir: Path, valid_dir: Path, loss_csvs
         raise FileNotFoundError(f"{hr_dir}: no HR .png images for the figures")
     hr_images = {p.stem: read_rgb(p) for p in hr_files}
     figures = {"fig2": out_dir / "fig2.png", "fig3": out_dir / "fig3.png", "fig4": out_dir / "fig4.png"}
-    stem = figure2(results, Path(results_dir), valid_dir, hr_images, crop_size, seed, figures["fig2"])
-    figure3(results, Path(results_dir), hr_images[stem], stem, figures["fig3"])
+    stem = figure2(info, results_dir, valid_dir, hr_images, crop_size, seed, figures["fig2"])
+    figure3(info, results_dir, hr_images[stem], stem, figures["fig3"])
     figure4(loss_csvs, figures["fig4"])
-    page = report_html(measured=measured, published=published, results=results, figures=figures, profile=profile,
-                       seed=seed, crop_size=crop_size)
+    page = report_html(measured=measured, published=published, metrics=results, info=info, figures=figures,
+                       profile=profile, seed=seed, crop_size=crop_size)
     atomic_write_text(out_dir / "index.html", page)

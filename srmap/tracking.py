@@ -4,6 +4,17 @@ The default store is embedded: ``sqlite:///<project>/mlflow.db`` with artifacts
 under ``<project>/mlartifacts``. ``MLFLOW_TRACKING_URI`` overrides the store.
 An unreachable store never stops training: the tracker warns once and turns
 into a no-op, and the stage's CSV files still hold every metric.
+
+The experiment carries ``mlflow.experimentKind = custom_model_development`` so
+that MLflow 3's UI opens it on the runs table (not the GenAI trace overview).
+Runs are named ``<stage>-<DVC experiment>`` under ``dvc exp run`` (DVC exports
+``DVC_EXP_NAME`` to the stage) and ``<stage>-<profile>-<hash of the stage's
+params>`` otherwise. The tag ``pipeline_run`` groups the stages of one pipeline
+run across their separate processes: the DVC experiment name, or else
+``<profile>-<hash>`` of the whole profile section of params.yaml and the git
+commit. Stages that ran with the same parameters on the same commit share it,
+which is exactly when DVC or Snakemake would treat them as one pipeline; a
+re-run of the same pipeline joins its group (tell the runs apart by start time).
 """
 
 from __future__ import annotations
@@ -16,6 +27,52 @@ from pathlib import Path
 from typing import Any, Mapping
 
 EXPERIMENT = "srmap"
+# Read by MLflow 3.x's UI to pick the experiment's landing page: the runs table for model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+GROUP_TAG = "pipeline_run"
+
+
+def params_hash(obj: Any, length: int = 8) -> str:
+    """A short hex SHA-256 of ``obj`` as canonical JSON (sorted keys); stable across processes and machines."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def run_identity(stage: str, profile: str, params: Mapping[str, Any], pipeline_params: Mapping[str, Any] | None,
+                 commit: str, env: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """``(run name, pipeline_run tag)`` of a stage's run; see the module docstring for the rule."""
+    env = os.environ if env is None else env
+    exp = env.get("DVC_EXP_NAME")
+    if exp:
+        return f"{stage}-{exp}", exp
+    group = params_hash({"profile": profile, "params": pipeline_params if pipeline_params is not None else params,
+                         "commit": commit})
+    return f"{stage}-{profile}-{params_hash(params)}", f"{profile}-{group}"
+
+
+def folder_fingerprint(folder: Path) -> dict[str, Any]:
+    """SHA-256 fingerprint of every file under ``folder``: {'sha256': hex, 'files': n, 'bytes': total}.
+
+    The digest covers each file's path relative to ``folder`` (sorted, POSIX)
+    and its content's SHA-256, so renaming or editing any file changes it.
+    Raises FileNotFoundError when ``folder`` is not a directory.
+    """
+    import hashlib
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: dataset folder not found")
+    outer = hashlib.sha256()
+    files = total = 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        outer.update(f"{path.relative_to(folder).as_posix()}\0{digest}\n".encode())
+        files += 1
+        total += path.stat().st_size
+    return {"sha256": outer.hexdigest(), "files": files, "bytes": total}
 
 
 def default_tracking_uri(root: Path) -> str:
@@ -56,16 +113,22 @@ def _probe(uri: str, timeout: float = 3.0) -> None:
 class Tracker:
     """A context manager around one MLflow run; every call is safe when the store is down.
 
-    ``Tracker(root, stage="pretrain", profile="demo", params=cfg)`` opens a run
-    tagged with the stage, profile and git commit, logs ``params`` flattened,
-    and exposes ``log_metrics``, ``log_artifact`` and ``set_tags``.
+    ``Tracker(root, stage="pretrain", profile="demo", params=cfg,
+    pipeline_params=profile_section)`` opens a run named and grouped as the
+    module docstring says, tagged with the stage, profile and git commit, logs
+    ``params`` flattened, and exposes ``log_metrics``, ``log_artifact``,
+    ``log_dataset`` and ``set_tags``. ``pipeline_params`` (the whole profile
+    section) defines the ``pipeline_run`` group; without it the stage's
+    ``params`` do.
     """
 
     def __init__(self, root: Path, *, stage: str, profile: str, params: Mapping[str, Any] | None = None,
-                 tags: Mapping[str, str] | None = None, enabled: bool = True):
+                 tags: Mapping[str, str] | None = None, enabled: bool = True,
+                 pipeline_params: Mapping[str, Any] | None = None):
         self.root = Path(root).resolve()
         self.stage, self.profile = stage, profile
         self.params = dict(params or {})
+        self.pipeline_params = pipeline_params
         self.tags = dict(tags or {})
         self.enabled = enabled
         self.run_id: str | None = None
@@ -105,11 +168,17 @@ class Tracker:
                 # The sqlite store would otherwise put artifacts under the current
                 # working directory; pin them to the project.
                 artifact_location = (self.root / "mlartifacts").as_uri()
-            exp_id = client.create_experiment(EXPERIMENT, artifact_location=artifact_location)
+            exp_id = client.create_experiment(EXPERIMENT, artifact_location=artifact_location,
+                                              tags=EXPERIMENT_KIND)
         else:
             exp_id = exp.experiment_id
-        tags = {"stage": self.stage, "profile": self.profile, "git_commit": git_commit(self.root),
-                "mlflow.runName": f"{self.profile}-{self.stage}", **self.tags}
+            for k, v in EXPERIMENT_KIND.items():  # stores made before the tag existed
+                if exp.tags.get(k) != v:
+                    client.set_experiment_tag(exp_id, k, v)
+        commit = git_commit(self.root)
+        name, group = run_identity(self.stage, self.profile, self.params, self.pipeline_params, commit)
+        tags = {"stage": self.stage, "profile": self.profile, "git_commit": commit, GROUP_TAG: group,
+                "mlflow.runName": name, **self.tags}
         run = client.create_run(exp_id, tags=tags)
         self._client, self.run_id = client, run.info.run_id
         from mlflow.entities import Param
@@ -157,8 +226,57 @@ class Tracker:
         if self._client is not None:
             self._safe(self._client.log_artifact, self.run_id, str(path), artifact_path)
 
+    def log_dataset(self, folder: str | os.PathLike, *, name: str, context: str = "training") -> None:
+        """Log ``folder`` as the run's MLflow dataset input, its digest the start of ``folder_fingerprint``.
+
+        The dataset's profile holds the full SHA-256, the file count and bytes;
+        the run also gets the tag ``dataset_sha256``. Hashing reads every file
+        once (seconds for DIV2K's prepared split).
+        """
+        if self._client is None:
+            return
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        folder = Path(folder).resolve()
+        fp = folder_fingerprint(folder)
+        dataset = Dataset(name=name, digest=fp["sha256"][:16], source_type="local",
+                          source=json.dumps({"uri": folder.as_uri()}), profile=json.dumps(fp))
+        self._safe(self._client.log_inputs, self.run_id,
+                   [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+        self.set_tags({"dataset_sha256": fp["sha256"]})
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set string tags on the run."""
         for k, v in tags.items():
             if self._client is not None:
                 self._safe(self._client.set_tag, self.run_id, k, str(v))
+
+
+def runs_url(root: Path, port: int) -> str:
+    """Link to the srmap experiment's runs table in ``mlflow ui`` on 127.0.0.1:``port`` (the list if none yet).
+
+    MLflow 3.17's UI shows its GenAI view unless the link asks for the
+    model-training one (``workflowType=machine_learning``).
+    """
+    base = f"http://127.0.0.1:{port}/#/experiments"
+    exp = None
+    uri = default_tracking_uri(root)
+    if not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file():
+        try:
+            from mlflow.tracking import MlflowClient
+
+            exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(EXPERIMENT)
+        except Exception:  # noqa: BLE001 - only a convenience link; the UI itself reports store problems
+            exp = None
+    return f"{base}/{exp.experiment_id}/runs?workflowType=machine_learning" if exp else \
+        f"{base}?workflowType=machine_learning"
+
+
+if __name__ == "__main__":  # python -m srmap.tracking [port]: the link `make mlflow-ui` prints
+    import sys
+
+    from srmap.utils import project_root
+
+    print(runs_url(project_root(), int(sys.argv[1]) if len(sys.argv) > 1 else 5000))

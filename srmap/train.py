@@ -49,8 +49,14 @@ from srmap.losses import critic_adv_loss, fidelity_loss, generator_adv_loss, l1_
 from srmap.utils import atomic_path, atomic_write_json, atomic_write_text, import_closure, sha256_file
 
 CHECKPOINT_FORMAT = "srmap-train/1"
-PRETRAIN_COLUMNS = ("step", "epoch", "l1", "lr", "skipped")
-GAN_COLUMNS = ("step", "epoch", "fidelity", "generator", "critic", "r1", "lr_g", "lr_d", "skipped")
+# Mean |noise scale| of each injector group (srmap.nets.Generator.injector_groups), logged at every log step.
+NOISE_COLUMNS = ("noise_stem", "noise_trunk", "noise_features", "noise_up_x2", "noise_up_x4")
+PRETRAIN_COLUMNS = ("step", "epoch", "l1", "lr", "skipped") + NOISE_COLUMNS
+GAN_COLUMNS = ("step", "epoch", "fidelity", "generator", "critic", "r1", "lr_g", "lr_d", "skipped") + NOISE_COLUMNS
+# LR pixels at each patch border left out of the fidelity term: the bicubic x1/4
+# kernel (support 16 HR px) of the outer two LR pixels reaches past the HR patch,
+# where downscaling the patch mirrors but the LR was cut from the whole image.
+FIDELITY_BORDER = 2
 # Keys that may change between a checkpoint and a resumed run: they change when
 # or how often things happen, not what a given step computes. Input paths are
 # free too because their contents are guarded by fingerprints instead.
@@ -534,6 +540,36 @@ def _requires_grad(model: nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
+    """ema <- beta * ema + (1 - beta) * model, for every parameter; buffers are copied (authors' trainer).
+
+    Both modules must have the same structure; updated in place, every step.
+    """
+    ema_p, p = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(ema_p, [x.detach() for x in p], 1.0 - beta)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def noise_rngs(seed: int, indices: Sequence[int], device: torch.device) -> list[torch.Generator]:
+    """One torch.Generator per training sample, seeded by (run seed, dataset index).
+
+    The training noise of a sample is thus a function of the sample alone: the
+    same under any number of processes, and after a resume.
+    """
+    out = []
+    for i in indices:
+        s = int(np.random.SeedSequence([seed, int(i)]).generate_state(2, np.uint32).astype(np.uint64) @ [1, 1 << 32])
+        out.append(torch.Generator(device=device).manual_seed(s))
+    return out
+
+
+def _noise_row(G: nn.Module) -> dict[str, float]:
+    """Mean |noise scale| per injector group, keyed by the NOISE_COLUMNS names."""
+    return {f"noise_{k}": v for k, v in G.noise_scale_means().items()}
+
+
 @dataclass
 class _Setup:
     """What both loops share after setup."""
@@ -665,13 +701,14 @@ def _epoch_of(step: int, iters_per_epoch: int) -> int:
 
 def pretrain(*, data_dir, out_dir, gen_cfg, seed: int, batch_size: int, lr_patch: int, lr: float, betas,
              epochs: int, iters_per_epoch: int, milestones, lr_gamma: float, ckpt_every: int, log_every: int,
-             workers: int, max_bad_steps: int, amp: bool, channels_last: bool, compile: bool,
+             workers: int, max_bad_steps: int, amp: bool, channels_last: bool, compile: bool, noise: bool = True,
              device: str | None = None, tracker=None, stop_after: int | None = None) -> Path:
     """Pretrain the generator with L1(G(y), x) (report Eq. 3); resumes from out_dir/checkpoint.pt.
 
     ``data_dir`` holds hr/*.npy and lr/*.npy; ``gen_cfg`` is a GeneratorConfig
     or its params mapping; the other keywords are params.yaml's ``pretrain``
-    keys. Writes checkpoint.pt, generator.pt, losses.csv and
+    keys. ``noise=False`` trains with every noise scale frozen at its initial
+    value (0) and no noise drawn. Writes checkpoint.pt, generator.pt, losses.csv and
     training_options.json under ``out_dir``. Returns out_dir/generator.pt, or
     out_dir/checkpoint.pt when ``stop_after`` ended the run early.
     Raises NonFiniteLossError after ``max_bad_steps`` consecutive bad steps.
@@ -683,14 +720,21 @@ def pretrain(*, data_dir, out_dir, gen_cfg, seed: int, batch_size: int, lr_patch
     cfg = {"seed": seed, "batch_size": batch_size, "lr_patch": lr_patch, "lr": lr, "betas": list(betas),
            "epochs": epochs, "iters_per_epoch": iters_per_epoch, "milestones": list(milestones),
            "lr_gamma": lr_gamma, "ckpt_every": ckpt_every, "log_every": log_every, "workers": workers,
-           "max_bad_steps": max_bad_steps, "amp": amp, "channels_last": channels_last, "compile": compile}
+           "max_bad_steps": max_bad_steps, "amp": amp, "channels_last": channels_last, "compile": compile,
+           "noise": noise}
     _check_common(cfg)
+    if not isinstance(noise, bool):
+        raise ValueError(f"noise: expected on/off (true/false), got {noise!r}")
     resolved = _plain({"stage": "pretrain", **cfg, "gen_cfg": gen_cfg, "data_dir": data_dir,
                        "data_fingerprint": data_fingerprint(data_dir), "code_sha256": code_fingerprint()})
     total = epochs * iters_per_epoch
     s = _begin("pretrain", out_dir, resolved, seed=seed, channels_last=channels_last, device=device, total=total)
     G = _prepare(Generator(gen_cfg), s.device, s.channels_last).train()
-    opt = torch.optim.Adam(G.parameters(), lr=lr, betas=tuple(betas))
+    if not noise:  # frozen scales get no gradient, so Adam never moves them
+        for inj in G.injectors():
+            inj.scale.requires_grad_(False)
+    noise_scale = 1.0 if noise else 0.0
+    opt = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=lr, betas=tuple(betas))
     sched = _scheduler(opt, milestones, iters_per_epoch, lr_gamma)
     # bf16 autocast needs no loss scaling; the scaler is kept (disabled) so
     # checkpoints have one format whatever the precision.
@@ -715,7 +759,7 @@ def pretrain(*, data_dir, out_dir, gen_cfg, seed: int, batch_size: int, lr_patch
     loader = _loader(data_dir, lr_patch=lr_patch, seed=seed, total_steps=total, batch_size=batch_size,
                      start_step=start, end_step=total if stop_after is None else stop_after,
                      info=s.info, groups=1, workers=workers, device=s.device)
-    params = list(G.parameters())
+    params = [p for p in G.parameters() if p.requires_grad]
 
     def checkpoint(step: int) -> None:
         if not _weights_finite(G):
@@ -736,8 +780,9 @@ def pretrain(*, data_dir, out_dir, gen_cfg, seed: int, batch_size: int, lr_patch
     for lr_u8, hr_u8 in loader:
         y = _to_float(lr_u8, s.device, s.channels_last)  # (n,3,p,p)
         x = _to_float(hr_u8, s.device, s.channels_last)  # (n,3,4p,4p)
+        rngs = noise_rngs(seed, loader.batch_sampler.indices(step), s.device) if noise else None
         with _autocast(s.device, amp):
-            sr = G_run(y)  # (n,3,4p,4p)
+            sr = G_run(y, noise_scale=noise_scale, rngs=rngs)  # (n,3,4p,4p)
         loss = l1_loss(sr, x)  # float32, outside autocast
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -757,12 +802,13 @@ def pretrain(*, data_dir, out_dir, gen_cfg, seed: int, batch_size: int, lr_patch
         if step % log_every == 0:
             means = meter.means()
             row = {"step": step, "epoch": _epoch_of(step, iters_per_epoch), "l1": means["l1"], "lr": lr_now,
-                   "skipped": meter.skipped}
+                   "skipped": meter.skipped, **_noise_row(G)}
             log.append(row)
             progress.report(step, row["epoch"], {"l1": means["l1"], "lr": lr_now})
             if tracker is not None and s.info.main:
                 sps = meter.seconds_per_step()
                 tracker.log_metrics({"l1": means["l1"], "lr": lr_now, "grad_norm": means["grad_norm"],
+                                     **{k: row[k] for k in NOISE_COLUMNS},
                                      "skipped": meter.skipped, "skipped_total": bad.total,
                                      "step_time_s": sps, "patches_per_s": batch_size / sps}, step)
             meter.reset()
@@ -781,22 +827,30 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
               lr_g: float, lr_d: float, betas, alpha: float, r1_gamma: float, adv_loss: str, epochs: int,
               iters_per_epoch: int, milestones, lr_gamma: float, image_every: int, ckpt_every: int, log_every: int,
               workers: int, max_bad_steps: int, amp: bool, channels_last: bool, compile: bool,
+              ema_beta: float = 0.999, noise_init: float | None = None,
               device: str | None = None, tracker=None, stop_after: int | None = None) -> Path:
     """Train G with alpha*L_fid + L_adv against a relativistic critic with R1 (report Eqs. 4-7).
 
     G starts from ``init_generator`` (a pretrain generator.pt, whose config
-    must equal ``gen_cfg``); the critic starts fresh. Each global batch of
-    ``batch_size`` indices is split: the first half's LR patches go through G,
-    the second half's HR patches are the reals; fake i is paired with real i.
-    Per step: generator update (critic frozen), then critic update on the same
-    (detached) fakes. Writes checkpoint.pt, generator.pt, losses.csv,
+    must equal ``gen_cfg``), its noise scales set to ``noise_init`` unless it
+    is None; the critic starts fresh. As in the authors' trainer, each global
+    batch of ``batch_size`` is split in two halves: the first half's HR
+    patches and the fakes made from its own LR patches train the critic (with
+    R1 on those HR patches); then the second half trains G (fidelity on its LR,
+    fake i paired with its own HR patch i). ``alpha`` and ``r1_gamma`` are in
+    our [0,1] image units (docs/training.md converts the authors' 0-255 ones).
+    After every step the EMA of G (``ema_beta``) is updated; it is what
+    generator.pt, the monitor grids and evaluation use. Writes checkpoint.pt
+    (raw G, G_ema, critic, optimisers, ...), generator.pt (G_ema), losses.csv,
     training_options.json and monitor/step_*.png under ``out_dir``. Returns
     out_dir/generator.pt, or out_dir/checkpoint.pt when ``stop_after`` ended
     the run early. Raises NonFiniteLossError after ``max_bad_steps``
     consecutive bad steps.
     """
+    import copy
+
     from srmap.inference import load_generator
-    from srmap.nets import Discriminator
+    from srmap.nets import Critic
 
     gen_cfg, critic_cfg = _gen_config(gen_cfg), _critic_config(critic_cfg)
     data_dir, init_generator = Path(data_dir).resolve(), Path(init_generator).resolve()
@@ -804,14 +858,21 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
            "betas": list(betas), "alpha": alpha, "r1_gamma": r1_gamma, "adv_loss": adv_loss, "epochs": epochs,
            "iters_per_epoch": iters_per_epoch, "milestones": list(milestones), "lr_gamma": lr_gamma,
            "image_every": image_every, "ckpt_every": ckpt_every, "log_every": log_every, "workers": workers,
-           "max_bad_steps": max_bad_steps, "amp": amp, "channels_last": channels_last, "compile": compile}
+           "max_bad_steps": max_bad_steps, "amp": amp, "channels_last": channels_last, "compile": compile,
+           "ema_beta": ema_beta, "noise_init": noise_init}
     _check_common(cfg)
     if adv_loss not in ("softplus", "hinge"):
         raise ValueError(f"adv_loss: expected 'softplus' or 'hinge', got {adv_loss!r}")
     if batch_size % 2:
-        raise ValueError(f"batch_size: {batch_size} must be even (half LR patches for G, half real HR patches)")
+        raise ValueError(f"batch_size: {batch_size} must be even (one half trains the critic, the other G)")
+    if not 0 <= ema_beta < 1:
+        raise ValueError(f"ema_beta: expected a number in [0, 1), got {ema_beta!r}")
+    if noise_init is not None and (isinstance(noise_init, bool) or not isinstance(noise_init, (int, float))
+                                   or not math.isfinite(noise_init)):
+        raise ValueError(f"noise_init: expected null (keep the pretrained scales) or a number, got {noise_init!r}")
     if critic_cfg.in_size != SCALE * lr_patch:
-        raise ValueError(f"model.critic.in_size: {critic_cfg.in_size} must equal 4 x lr_patch = {SCALE * lr_patch}")
+        raise ValueError(f"model.critic: in_size {critic_cfg.in_size} (basis_size x 2**stages) must equal "
+                         f"4 x lr_patch = {SCALE * lr_patch}")
     if not init_generator.is_file():
         raise FileNotFoundError(f"init_generator {init_generator} does not exist (run the pretrain stage first)")
     resolved = _plain({"stage": "train_gan", **cfg, "gen_cfg": gen_cfg, "critic_cfg": critic_cfg,
@@ -824,8 +885,11 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
     if G0.cfg != gen_cfg:
         raise ValueError(f"init_generator {init_generator}: its generator config {dataclasses.asdict(G0.cfg)} "
                          f"differs from model.generator {dataclasses.asdict(gen_cfg)}")
+    if noise_init is not None:
+        G0.set_noise_scales(noise_init)
     G = _prepare(G0.requires_grad_(True), s.device, s.channels_last).train()
-    D = _prepare(Discriminator(critic_cfg), s.device, s.channels_last).train()
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    D = _prepare(Critic(critic_cfg), s.device, s.channels_last).train()
     opt_g = torch.optim.Adam(G.parameters(), lr=lr_g, betas=tuple(betas))
     opt_d = torch.optim.Adam(D.parameters(), lr=lr_d, betas=tuple(betas))
     sched_g = _scheduler(opt_g, milestones, iters_per_epoch, lr_gamma)
@@ -835,6 +899,7 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
     start, skipped_total = 0, 0
     if s.ckpt is not None:
         G.load_state_dict(s.ckpt["G"])
+        G_ema.load_state_dict(s.ckpt["G_ema"])
         D.load_state_dict(s.ckpt["D"])
         opt_g.load_state_dict(s.ckpt["optimizers"]["G"])
         opt_d.load_state_dict(s.ckpt["optimizers"]["D"])
@@ -862,10 +927,10 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
                      start_step=start, end_step=total if stop_after is None else stop_after,
                      info=s.info, groups=2, workers=workers, device=s.device)
     params_g, params_d = list(G.parameters()), list(D.parameters())
-    half = batch_size // 2 // s.info.world  # fakes (and reals) per rank
+    half = batch_size // 2 // s.info.world  # patches per half per rank
 
     def checkpoint(step: int) -> None:
-        if not _weights_finite(G, D):
+        if not _weights_finite(G, G_ema, D):
             raise NonFiniteLossError(f"train_gan: weights are not finite at step {step}; "
                                      f"the last good checkpoint {s.ckpt_path} is intact")
         rng = _gather_rng(s.device, s.info)
@@ -874,7 +939,7 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
                 "format": CHECKPOINT_FORMAT, "stage": "train_gan", "config": s.resolved, "step": step,
                 "epoch": _epoch_of(step, iters_per_epoch) if step else 0, "world_size": s.info.world,
                 "gen_config": dataclasses.asdict(gen_cfg), "critic_config": dataclasses.asdict(critic_cfg),
-                "G": G.state_dict(), "D": D.state_dict(),
+                "G": G.state_dict(), "G_ema": G_ema.state_dict(), "D": D.state_dict(),
                 "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
                 "schedulers": {"G": sched_g.state_dict(), "D": sched_d.state_dict()},
                 "scaler": scaler.state_dict(), "rng": rng, "skipped_total": bad.total,
@@ -883,30 +948,20 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
 
     step = start
     for lr_u8, hr_u8 in loader:
-        y = _to_float(lr_u8[:half], s.device, s.channels_last)  # (h,3,p,p) LR through G
-        x_real = _to_float(hr_u8[half:], s.device, s.channels_last)  # (h,3,4p,4p) reals for the critic
+        y_d = _to_float(lr_u8[:half], s.device, s.channels_last)  # (h,3,p,p) critic half: LR -> fakes
+        x_d = _to_float(hr_u8[:half], s.device, s.channels_last)  # (h,3,4p,4p) critic half: reals
+        y_g = _to_float(lr_u8[half:], s.device, s.channels_last)  # (h,3,p,p) generator half
+        x_g = _to_float(hr_u8[half:], s.device, s.channels_last)  # (h,3,4p,4p) its paired reals
+        indices = loader.batch_sampler.indices(step)
 
-        # Generator step; the critic is frozen so no critic gradients are computed.
-        _requires_grad(D, False)
-        with _autocast(s.device, amp):
-            sr = G_run(y)  # (h,3,4p,4p)
-            c_fake = D(sr)  # (h,)
-            with torch.no_grad():
-                c_real = D(x_real)  # (h,)
-        fid = fidelity_loss(y, sr)
-        adv_g = generator_adv_loss(c_fake, c_real, adv_loss)
-        loss_g = alpha * fid + adv_g
-        opt_g.zero_grad(set_to_none=True)
-        scaler.scale(loss_g).backward()
-        scaler.unscale_(opt_g)
-        gnorm_g = _grad_norm(params_g)
-
-        # Critic step on the same fakes; R1 on the reals needs their gradient.
+        # Critic step: reals of the critic half against fakes from that half's own LR; R1 on the reals.
         _requires_grad(D, True)
-        x_in = x_real.detach().requires_grad_(True)
+        with torch.no_grad(), _autocast(s.device, amp):
+            fake_d = G_run(y_d, rngs=noise_rngs(seed, indices[:half], s.device))  # (h,3,4p,4p)
+        x_in = x_d.detach().requires_grad_(True)
         with _autocast(s.device, amp):
-            c_real = D_run(x_in)  # (h,)
-            c_fake = D_run(sr.detach())  # (h,)
+            c_real = D_run(x_in)  # (h,) float32 (the head runs in float32)
+            c_fake = D_run(fake_d)  # (h,)
         adv_d = critic_adv_loss(c_real, c_fake, adv_loss)
         r1 = r1_penalty(c_real, x_in)
         loss_d = adv_d + 0.5 * r1_gamma * r1
@@ -914,19 +969,33 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
         scaler.scale(loss_d).backward()
         scaler.unscale_(opt_d)
         gnorm_d = _grad_norm(params_d)
+        adv_d_v, r1_v, gnorm_d_v, bad_d = _all_mean([adv_d, r1, gnorm_d, _finite_flag(loss_d, gnorm_d)], s.info)
+        if bad_d == 0:
+            scaler.step(opt_d)
 
-        stats = _all_mean([fid, adv_g, adv_d, r1, gnorm_g, gnorm_d, _finite_flag(loss_g, gnorm_g),
-                           _finite_flag(loss_d, gnorm_d)], s.info)
-        fid_v, adv_g_v, adv_d_v, r1_v, gnorm_g_v, gnorm_d_v, bad_g, bad_d = stats
+        # Generator step against the updated critic; the critic is frozen so it gets no gradients.
+        _requires_grad(D, False)
+        with _autocast(s.device, amp):
+            sr = G_run(y_g, rngs=noise_rngs(seed, indices[half:], s.device))  # (h,3,4p,4p)
+            c_fake = D(sr)  # (h,)
+            with torch.no_grad():
+                c_real = D(x_g)  # (h,)
+        fid = fidelity_loss(y_g, sr, border=FIDELITY_BORDER)  # float32, outside autocast
+        adv_g = generator_adv_loss(c_fake, c_real, adv_loss)
+        loss_g = alpha * fid + adv_g
+        opt_g.zero_grad(set_to_none=True)
+        scaler.scale(loss_g).backward()
+        scaler.unscale_(opt_g)
+        gnorm_g = _grad_norm(params_g)
+        fid_v, adv_g_v, gnorm_g_v, bad_g = _all_mean([fid, adv_g, gnorm_g, _finite_flag(loss_g, gnorm_g)], s.info)
         lr_g_now, lr_d_now = opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
         # Each network skips its own bad update; the step counts as skipped if either did.
         if bad_g == 0:
             scaler.step(opt_g)
-        if bad_d == 0:
-            scaler.step(opt_d)
         scaler.update()
         sched_g.step()
         sched_d.step()
+        ema_update(G_ema, G, ema_beta)
         step += 1
         skip = bad_g > 0 or bad_d > 0
         meter.add({"fidelity": fid_v, "generator": adv_g_v, "critic": adv_d_v, "r1": r1_v,
@@ -934,7 +1003,9 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
         progress.step()
         if step % image_every == 0 and s.info.main:
             png = monitor / f"step_{step:08d}.png"
-            _save_monitor(png, y.detach(), sr.detach(), _to_float(hr_u8[:half], s.device, False))
+            with torch.no_grad(), _autocast(s.device, amp):
+                sr_ema = G_ema(y_g, seed=0)
+            _save_monitor(png, y_g.detach(), sr_ema.detach(), x_g.detach())
             if tracker is not None:
                 tracker.log_artifact(png, "monitor")
         bad.update(skip, step)
@@ -942,7 +1013,7 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
             m = meter.means()
             row = {"step": step, "epoch": _epoch_of(step, iters_per_epoch), "fidelity": m["fidelity"],
                    "generator": m["generator"], "critic": m["critic"], "r1": m["r1"], "lr_g": lr_g_now,
-                   "lr_d": lr_d_now, "skipped": meter.skipped}
+                   "lr_d": lr_d_now, "skipped": meter.skipped, **_noise_row(G)}
             log.append(row)
             progress.report(step, row["epoch"], {k: m[k] for k in ("fidelity", "generator", "critic", "r1")})
             if tracker is not None and s.info.main:
@@ -955,4 +1026,4 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
         if step % ckpt_every == 0 or step == total or step == stop_after:
             checkpoint(step)
     progress.close()
-    return _conclude(s, "train_gan", step, checkpoint, G, gen_cfg, seed, tracker)
+    return _conclude(s, "train_gan", step, checkpoint, G_ema, gen_cfg, seed, tracker)

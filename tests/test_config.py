@@ -33,10 +33,15 @@ def test_repo_params_are_valid_for_both_profiles():
 def test_paper_profile_carries_the_papers_settings():
     _, p = load_params(ROOT / "params.yaml", "paper")
     g = p["model"]["generator"]
-    assert (g["stem_width"], g["feature_widths"], g["stages"], g["blocks_per_stage"], g["compression"],
-            g["kernel_size"]) == (256, [512, 256, 128], 4, 16, 4, 3)
+    assert (g["stem_width"], g["feature_widths"], g["blocks_per_stage"], g["compression"],
+            g["kernel_size"]) == (256, [512, 256, 128], [16] * 4, 4, 3)
+    c = p["model"]["critic"]
+    assert c["basis_size"] * 2 ** len(c["stage_widths"]) == 192 == 4 * p["train_gan"]["lr_patch"]
     assert p["pretrain"]["batch_size"] == 64 and p["train_gan"]["batch_size"] == 64
-    assert p["pretrain"]["lr_patch"] == 48 and p["model"]["critic"]["in_size"] == 192
+    assert p["pretrain"]["lr_patch"] == 48 and p["pretrain"]["iters_per_epoch"] == 1000
+    # the authors' units converted to [0,1] images (docs/training.md)
+    assert p["train_gan"]["alpha"] == 10 * 255 and p["train_gan"]["r1_gamma"] == pytest.approx(10 / 255**2, rel=1e-15)
+    assert p["train_gan"]["ema_beta"] == 0.999 and p["pretrain"]["noise"] is True
     assert p["train_gan"]["epochs"] == 200 and p["train_gan"]["milestones"] == [200]
     assert p["train_gan"]["lr_gamma"] == 0.5 and p["evaluate"]["samples"] == 10
     assert p["data"]["source"] == "div2k" and p["data"]["train"] == [1, 800] and p["data"]["valid"] == [801, 900]

@@ -1,11 +1,9 @@
 """DistributedDataParallel on CPU: `torchrun --nproc_per_node=2` (gloo) against one process on the same global batch.
 
-The generator draws its training noise per rank, so two ranks cannot reproduce
-the single-process noise. The comparison therefore uses ``noise_init=0``: the
-first step is then noise-free; after it only the noise weights move apart (by
-at most about lr per Adam step, with a tiny effect on the output), so the
-losses and every other weight still match to float rounding. Both stages run
-in one torchrun call.
+Training noise is drawn per sample from a stream seeded by (run seed, dataset
+index), so two ranks draw the same noise as one process. The comparison runs
+with the noise on in both stages (the GAN stage sets every scale to 5 first)
+and with the R1 penalty on. Both stages run in one torchrun call.
 """
 
 import csv
@@ -25,10 +23,10 @@ from srmap.nets import Generator, generator_config
 from srmap.train import pretrain, train_gan
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_G = {"stem_width": 8, "feature_widths": [8, 8, 8], "stages": 1, "blocks_per_stage": 1, "compression": 4,
-          "kernel_size": 3, "noise_init": 0.0}
-TINY_C = {"in_size": 32, "widths": [8, 8], "blocks_per_stage": 1, "compression": 4, "kernel_size": 3,
-          "fc_widths": [8]}
+TINY_G = {"stem_width": 8, "feature_widths": [8, 8, 8], "blocks_per_stage": [1], "compression": 4,
+          "kernel_size": 3}
+TINY_C = {"basis_size": 2, "stage_widths": [4, 8, 8, 8], "blocks_per_stage": [1, 1, 1, 1], "epilog_width": 8,
+          "latent_width": 8, "compression": 4, "kernel_size": 3}  # 32 px input
 COMMON = dict(batch_size=4, lr_patch=8, betas=[0.5, 0.99], epochs=1, iters_per_epoch=3, milestones=[], lr_gamma=0.5,
               ckpt_every=100, log_every=1, workers=0, max_bad_steps=3, amp=True, channels_last=True, compile=False,
               device="cpu")
@@ -47,8 +45,8 @@ def stage_kwargs(data: Path, out: Path, init: Path) -> dict:
     return {
         "pretrain": dict(COMMON, data_dir=str(data), out_dir=str(out / "pretrain"), gen_cfg=TINY_G, seed=0, lr=1e-3),
         "train_gan": dict(COMMON, data_dir=str(data), out_dir=str(out / "gan"), init_generator=str(init),
-                          gen_cfg=TINY_G, critic_cfg=TINY_C, seed=1, lr_g=1e-3, lr_d=1e-3, alpha=50.0, r1_gamma=1.0,
-                          adv_loss="softplus", image_every=2),
+                          gen_cfg=TINY_G, critic_cfg=TINY_C, seed=1, lr_g=1e-3, lr_d=1e-3, alpha=2550.0, r1_gamma=1e-3,
+                          adv_loss="softplus", image_every=2, ema_beta=0.9, noise_init=5.0),
     }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 import socket
 import subprocess
 import time
@@ -17,8 +19,8 @@ import pytest
 from conftest import tool_env
 
 pytestmark = pytest.mark.slow
-METHODS = ["Bicubic", "Generator w/ L1 (ours)", "SRMAP (ours)"]
-KEYS = ["LPIPS_mean", "LRPSNR_mean", "LRPSNR_worst", "score", "PSNR", "SSIM", "PSNR_Y", "SSIM_Y"]
+METHODS = ["bicubic", "l1", "srmap"]
+KEYS = ["lpips", "lr_psnr", "lr_psnr_worst", "diversity", "psnr", "ssim", "psnr_y", "ssim_y", "samples", "images"]
 
 
 def test_report_and_metrics_exist_and_are_finite(demo_run: Path):
@@ -26,17 +28,23 @@ def test_report_and_metrics_exist_and_are_finite(demo_run: Path):
     for name in ("table2.md", "table2.csv", "fig2.png", "fig3.png", "fig4.png", "index.html"):
         assert (report / name).stat().st_size > 0, name
     metrics = json.loads((demo_run / "results" / "demo" / "metrics.json").read_text())
-    assert set(METHODS) <= set(metrics)
+    assert list(metrics) == METHODS
     for method in METHODS:
-        for key in KEYS:
-            assert math.isfinite(metrics[method][key]), (method, key, metrics[method][key])
+        assert sorted(metrics[method]) == sorted(KEYS)
+        for key, value in metrics[method].items():
+            assert re.fullmatch(r"[a-z0-9_]+", key)
+            assert isinstance(value, (int, float)) and not isinstance(value, bool), (method, key, value)
+            assert math.isfinite(value), (method, key, value)
     # deterministic methods have no diversity; SRMAP's samples differ
-    assert metrics["Bicubic"]["score"] == 0 and metrics["Generator w/ L1 (ours)"]["score"] == 0
-    assert metrics["SRMAP (ours)"]["score"] > 0
+    assert metrics["bicubic"]["diversity"] == 0 and metrics["l1"]["diversity"] == 0
+    assert metrics["srmap"]["diversity"] > 0 and metrics["srmap"]["samples"] == 10
+    info = json.loads((demo_run / "results" / "demo" / "eval" / "methods.json").read_text())
+    assert info["lpips"]["pretrained"] is True  # the demo scores with the ImageNet AlexNet, offline
     table = pd.read_csv(report / "table2.csv")
     assert len(table) >= 3
     md = (report / "table2.md").read_text()
     assert "SRMAP (ours)" in md and "published, not re-run" in md.lower()
+    assert f"LPIPS weights: {info['lpips']['weights']}" in md and "not comparable" not in md
 
 
 def test_training_loss_csvs(demo_run: Path):
@@ -65,7 +73,44 @@ def test_dvc_metrics_show(demo_run: Path):
     proc = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=demo_run, env=tool_env(demo_run),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "SRMAP (ours)" in proc.stdout
+    shown = json.loads(proc.stdout)
+    (data,) = [v["data"] for v in shown.values()]
+    assert sorted(data["results/demo/metrics.json"]["data"]) == METHODS
+
+
+def test_dvc_metrics_diff_between_two_runs(demo_run: Path, tmp_path: Path):
+    """Two `dvc exp run`s of the demo (the second with another noise scale): `dvc metrics diff` prints one
+    short row per metric, `dvc exp show --only-changed` stays readable, and MLflow names the runs after them."""
+    work = tmp_path / "srmap"
+    shutil.copytree(demo_run, work, symlinks=True)
+    env = tool_env(work, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org", GIT_COMMITTER_NAME="t",
+                   GIT_COMMITTER_EMAIL="t@example.org")
+
+    def dvc(*args: str) -> str:
+        proc = subprocess.run(["dvc", *args], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"dvc {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc.stdout
+
+    dvc("exp", "run", "-n", "base")
+    dvc("exp", "run", "-n", "calmer", "-S", "demo.evaluate.noise_scale=0.5")
+    diff = dvc("metrics", "diff", "base", "calmer", "--all", "--md")
+    rows = [line for line in diff.splitlines() if line.startswith("| results/")]
+    names = [line.split("|")[2].strip() for line in rows]
+    assert sorted(names) == sorted(f"{m}.{k}" for m in METHODS for k in KEYS), diff  # one row per metric
+    assert all(len(line) < 100 for line in rows), diff
+    changed = dvc("metrics", "diff", "base", "calmer", "--md")  # only SRMAP's samples depend on the noise
+    assert "srmap.diversity" in changed and "bicubic." not in changed, changed
+    show = dvc("exp", "show", "--only-changed", "--md", "--no-pager")
+    assert "calmer" in show and "srmap.lpips" in show and "…" not in show, show
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("srmap")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.pipeline_run = 'calmer'")
+    assert [r.info.run_name for r in runs] == ["evaluate-calmer"]
+    assert runs[0].data.metrics["srmap/lpips"] == pytest.approx(
+        json.loads((work / "results" / "demo" / "metrics.json").read_text())["srmap"]["lpips"])
 
 
 def _runs_by_stage(client, exp_id):
@@ -79,8 +124,13 @@ def test_mlflow_runs_through_the_client(demo_run: Path):
     client = MlflowClient(tracking_uri=f"sqlite:///{demo_run / 'mlflow.db'}")
     exp = client.get_experiment_by_name("srmap")
     assert exp is not None
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
     runs = _runs_by_stage(client, exp.experiment_id)
     assert {"pretrain", "train_gan", "evaluate"} <= set(runs)
+    # one pipeline run: the stages share the group tag; each run's name starts with its stage
+    assert len({runs[s].data.tags["pipeline_run"] for s in ("pretrain", "train_gan", "evaluate")}) == 1
+    for stage in ("pretrain", "train_gan", "evaluate"):
+        assert re.fullmatch(rf"{stage}-demo-[0-9a-f]{{8}}", runs[stage].info.run_name)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=demo_run, capture_output=True, text=True).stdout.strip()
     for stage in ("pretrain", "train_gan", "evaluate"):
         run = runs[stage]
@@ -91,7 +141,15 @@ def test_mlflow_runs_through_the_client(demo_run: Path):
     assert len(history) > 1 and len({m.step for m in history}) == len(history)
     artifacts = [a.path for a in client.list_artifacts(runs["train_gan"].info.run_id)]
     assert any("generator" in a for a in artifacts), artifacts
-    assert any(k.startswith("srmap_ours/") for k in runs["evaluate"].data.metrics)
+    ev = runs["evaluate"].data.metrics
+    assert {f"{m}/{k}" for m in METHODS for k in KEYS} <= set(ev)
+    metrics = json.loads((demo_run / "results" / "demo" / "metrics.json").read_text())
+    assert ev["srmap/lpips"] == metrics["srmap"]["lpips"]
+    # the training stages log their data as an MLflow dataset input with its fingerprint
+    for stage in ("pretrain", "train_gan"):
+        (inp,) = runs[stage].inputs.dataset_inputs
+        assert inp.dataset.name == "demo-train"
+        assert runs[stage].data.tags["dataset_sha256"].startswith(inp.dataset.digest)
 
 
 def _free_port() -> int:

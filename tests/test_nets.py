@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import re
 
 import numpy as np
 import pytest
@@ -12,11 +11,10 @@ import torch.nn.functional as F
 from scipy import stats
 
 from srmap.nets import (
+    Critic,
     CriticConfig,
-    Discriminator,
     Generator,
     GeneratorConfig,
-    ResidualBlock,
     count_params,
     critic_config,
     flops_per_patch,
@@ -25,14 +23,21 @@ from srmap.nets import (
     hash_normal,
     info_text,
 )
-from srmap.utils import project_root
 
-TINY_G = GeneratorConfig(stem_width=8, feature_widths=(12, 8, 4), stages=2, blocks_per_stage=2, compression=2)
-TINY_D = CriticConfig(in_size=32, widths=(4, 8), blocks_per_stage=1, compression=2, fc_widths=(8,))
-DEMO_G = dict(stem_width=32, feature_widths=[48, 32, 16], stages=2, blocks_per_stage=2, compression=4,
-              kernel_size=3, noise_init=0.05)
-DEMO_D = dict(in_size=96, widths=[16, 32, 48, 64], blocks_per_stage=1, compression=4, kernel_size=3,
-              fc_widths=[64])
+TINY_G = GeneratorConfig(stem_width=8, feature_widths=(12, 8, 4), blocks_per_stage=(2, 2), compression=2)
+TINY_D = CriticConfig(basis_size=2, stage_widths=(4, 8, 8), blocks_per_stage=(1, 2, 1), epilog_width=8,
+                      latent_width=8, compression=2)  # 16x16 input
+DEMO_G = dict(stem_width=32, feature_widths=[48, 32, 16], blocks_per_stage=[2, 2], compression=4, kernel_size=3)
+DEMO_D = dict(basis_size=3, stage_widths=[16, 32, 32, 48, 64], blocks_per_stage=[1, 1, 1, 1, 1], epilog_width=64,
+              latent_width=32, compression=4, kernel_size=3)
+
+# Parity with the authors' networks (r-mohanty/Super-Rez, src/model/NetworksV2.py): parameter count,
+# number of parameter tensors and the SHA-256 of the JSON list of their shapes in registration order,
+# computed once from the authors' own classes -- Generator() and the critic src/loss/Main.py builds,
+# Critic(BasisSize=3, StageWidths=[256, 256, 512, 512, 512, 1024], BlocksPerStage=[1, 1, 2, 2, 2, 1]) --
+# in a scratch folder outside this repository.
+AUTHORS_G = (20_933_504, 416, "ad46c8edbc1c06c1eefbf829bed34e37b62e177d45aa9045a028628c43d47562")
+AUTHORS_D = (20_817_025, 57, "38a416a0d8b449ff5166321d1879898fd704000e737ca27a299d335082ebdc05")
 
 
 def perturbed(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
@@ -67,7 +72,9 @@ def tiled(g: Generator, y: torch.Tensor, tile: int, pad: int, seed: int) -> torc
 @pytest.fixture(scope="module")
 def gen() -> Generator:
     torch.manual_seed(0)
-    return perturbed(Generator(TINY_G)).eval()
+    g = perturbed(Generator(TINY_G)).eval()
+    g.set_noise_scales(10.0)  # the networks work in 0-255 units: noise of 10/255 per injector
+    return g
 
 
 # ---------------------------------------------------------------------------
@@ -156,31 +163,38 @@ def test_channels_last_and_bf16_autocast(gen):
 # ---------------------------------------------------------------------------
 
 
-WIDE_KERNEL_G = GeneratorConfig(stem_width=8, feature_widths=(12, 8, 4), stages=1, blocks_per_stage=1,
+WIDE_KERNEL_G = GeneratorConfig(stem_width=8, feature_widths=(12, 8, 4), blocks_per_stage=(1,),
                                 compression=2, kernel_size=5)
 
 
-@pytest.mark.parametrize("cfg, radius", [(TINY_G, 11), (WIDE_KERNEL_G, 9)])
-def test_tiled_equals_whole_image(cfg, radius):
+@pytest.mark.parametrize("cfg", [TINY_G, WIDE_KERNEL_G])
+def test_tiled_equals_whole_image(cfg):
+    """Every injector is on (x2 and x4 resolution included): tiles with tile_pad = radius are exact."""
     torch.manual_seed(0)
-    g = perturbed(Generator(cfg)).eval()
-    # k=3: 1 stem + 2*4 block convs + 1 upsample conv at LR, + 1 for the conv at x2.
-    assert g.receptive_radius == radius
+    g = perturbed(Generator(cfg), 0.05).eval()
+    g.set_noise_scales(10.0)
+    radius = g.receptive_radius
     y = torch.rand(1, 3, 37, 53)
     with torch.no_grad():
         whole = g(y, seed=2)
         exact = tiled(g, y, tile=12, pad=radius, seed=2)
-        short = tiled(g, y, tile=12, pad=radius - 1, seed=2)
+        short = tiled(g, y, tile=12, pad=2, seed=2)
     torch.testing.assert_close(exact, whole, rtol=1e-5, atol=1e-5)
-    if cfg is WIDE_KERNEL_G:
-        # The radius is tight, not a vacuous over-estimate: one pixel less context shows.
-        assert (short - whole).abs().max() > 1e-4
+    assert (short - whole).abs().max() > 1e-4  # context matters: the check above is not vacuous
+
+
+def test_receptive_radius_paper():
+    with torch.device("meta"):
+        g = Generator(GeneratorConfig())
+    # 4 * (1 + 2*64) LR convs in HR px, + the x2 block (4 + 4 + 4 + 2) and the x4 block (2 + 2 + 2 + 1) -> ceil(537 / 4)
+    assert g.receptive_radius == 135
 
 
 def test_tile_noise_matches_whole_noise():
-    whole = hash_normal([3], 2, 0, 0, 30, 40)
-    crop = hash_normal([3], 2, 7, 11, 9, 13)
+    whole = hash_normal([3], 2, 0, 0, 30, 40, stream=5)
+    crop = hash_normal([3], 2, 7, 11, 9, 13, stream=5)
     assert torch.equal(crop, whole[:, :, 7:16, 11:24])
+    assert not torch.equal(whole, hash_normal([3], 2, 0, 0, 30, 40, stream=6))  # injectors differ
 
 
 # ---------------------------------------------------------------------------
@@ -229,15 +243,65 @@ def test_hash_noise_is_standard_normal():
 
 
 def test_identity_at_init():
+    """toRGB and every noise scale start at zero: the output is the bilinear x4 of the input."""
     torch.manual_seed(1)
     g = Generator(TINY_G)
     y = torch.rand(2, 3, 13, 9)
     with torch.no_grad():
-        assert torch.equal(g(y, seed=0), bilinear_x4(y))
-        assert torch.equal(g(y), bilinear_x4(y))
-    block = ResidualBlock(8, 2, 3, 0.0, 0.05)
-    x = torch.rand(1, 8, 6, 6)  # the generator trunk is non-negative (ReLU after the stem)
-    assert torch.equal(block(x, torch.randn(1, 1, 6, 6)), x)
+        torch.testing.assert_close(g(y, seed=0), bilinear_x4(y), rtol=0, atol=1e-6)
+        torch.testing.assert_close(g(y), bilinear_x4(y), rtol=0, atol=1e-6)
+    assert all(float(m.scale.detach().abs().max()) == 0 for m in g.injectors())
+
+
+def test_every_injector_changes_the_output_once_its_scale_is_nonzero():
+    torch.manual_seed(0)
+    g = perturbed(Generator(TINY_G), 0.05).eval()
+    g.set_noise_scales(0.0)
+    y = torch.rand(1, 3, 10, 9)
+    groups = g.injector_groups()
+    assert sum(len(v) for v in groups.values()) == len(g.injectors()) == 1 + 2 * 4 + 1 + 3 * 2
+    with torch.no_grad():
+        ref = g(y, seed=3)
+        torch.testing.assert_close(ref, g(y, noise_scale=0))  # all scales 0: no noise
+        for inj in g.injectors():
+            inj.scale.fill_(10.0)  # 10/255 in [0,1] units
+            assert (g(y, seed=3) - ref).abs().max() > 1e-4, f"injector {inj.stream} has no effect"
+            inj.scale.zero_()
+    g.set_noise_scales(0.25)
+    means = g.noise_scale_means()
+    assert set(means) == {"stem", "trunk", "features", "up_x2", "up_x4"}
+    assert all(v == pytest.approx(0.25) for v in means.values())
+
+
+def test_paper_networks_match_the_authors():
+    import hashlib
+    import json
+
+    with torch.device("meta"):
+        g, d = Generator(GeneratorConfig()), Critic(CriticConfig())
+    for net, (count, tensors, digest) in ((g, AUTHORS_G), (d, AUTHORS_D)):
+        shapes = [list(p.shape) for p in net.parameters()]
+        assert count_params(net) == count
+        assert len(shapes) == tensors
+        assert hashlib.sha256(json.dumps(shapes).encode()).hexdigest() == digest
+    assert len(g.injectors()) == 136 and CriticConfig().in_size == 192
+
+
+def test_critic_head_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    d = perturbed(Critic(TINY_D), 0.05)
+    with torch.no_grad():
+        d.head.bias.fill_(100.0)  # scores around 100, where bf16 steps are 0.5
+        d.head.weight.mul_(10.0)
+    seen = {}
+    d.fc_act.register_forward_hook(lambda m, i, o: seen.update(h=o))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = d(torch.rand(4, 3, 16, 16))
+    assert seen["h"].dtype == torch.bfloat16  # the body did run in bf16
+    assert scores.dtype == torch.float32
+    expected = F.linear(seen["h"].float(), d.head.weight, d.head.bias).squeeze(1)
+    assert torch.equal(scores, expected)
+    assert not torch.equal(scores, expected.bfloat16().float())  # a bf16 head would have rounded them
 
 
 def _assert_grads(module, loss_fn, name):
@@ -253,8 +317,8 @@ def test_gradients_reach_every_parameter():
     behind them, so: every parameter must get a gradient tensor at init, and a
     nonzero one once the zero-initialised layers are slightly perturbed."""
     torch.manual_seed(0)
-    g, d = Generator(TINY_G), Discriminator(TINY_D)
-    y, x = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 32, 32)
+    g, d = Generator(TINY_G), Critic(TINY_D)
+    y, x = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 16, 16)
 
     def loss():
         return d(g(y)).sum() + d(x).sum()
@@ -269,14 +333,13 @@ def test_gradients_reach_every_parameter():
 
 def test_critic_supports_r1_double_backward():
     torch.manual_seed(0)
-    d = perturbed(Discriminator(TINY_D), 0.02)
-    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    d = perturbed(Critic(TINY_D), 0.02)
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
     (grad,) = torch.autograd.grad(d(x).sum(), x, create_graph=True)
     penalty = grad.square().sum()
     penalty.backward()
     assert torch.isfinite(penalty)
-    # Biases drop out of an input gradient through piecewise-linear activations;
-    # every weight must still be trained by the penalty.
+    # Every weight must be trained by the penalty.
     weights = [n for n, p in d.named_parameters() if p.dim() > 1 and p.grad is None]
     assert not weights, f"R1 penalty does not reach {weights}"
 
@@ -287,10 +350,10 @@ def test_critic_supports_r1_double_backward():
 
 
 def test_critic_scores_shape_and_rejects_wrong_size():
-    d = Discriminator(TINY_D)
-    assert d(torch.rand(3, 3, 32, 32)).shape == (3,)
-    with pytest.raises(ValueError, match=r"expected HR patches \(N,3,32,32\).*got shape \(1, 3, 48, 32\)"):
-        d(torch.rand(1, 3, 48, 32))
+    d = Critic(TINY_D)
+    assert d(torch.rand(3, 3, 16, 16)).shape == (3,)
+    with pytest.raises(ValueError, match=r"expected HR patches \(N,3,16,16\).*got shape \(1, 3, 48, 16\)"):
+        d(torch.rand(1, 3, 48, 16))
 
 
 # ---------------------------------------------------------------------------
@@ -300,45 +363,30 @@ def test_critic_scores_shape_and_rejects_wrong_size():
 
 def test_configs_from_params_mappings():
     g = generator_config(DEMO_G)
-    assert g.feature_widths == (48, 32, 16) and isinstance(g.feature_widths, tuple)
+    assert g.feature_widths == (48, 32, 16) and isinstance(g.feature_widths, tuple) and g.scale == 4
     c = critic_config(DEMO_D)
-    assert c.widths == (16, 32, 48, 64) and c.fc_widths == (64,)
+    assert c.stage_widths == (16, 32, 32, 48, 64) and c.in_size == 96
     with pytest.raises(ValueError, match="model.generator: unknown key 'stem_widht'"):
         generator_config({**DEMO_G, "stem_widht": 3})
     missing = dict(DEMO_G)
-    del missing["noise_init"]
-    with pytest.raises(ValueError, match="missing key 'noise_init'"):
+    del missing["compression"]
+    with pytest.raises(ValueError, match="missing key 'compression'"):
         generator_config(missing)
     with pytest.raises(ValueError, match=r"model.generator.feature_widths: expected 3 entries"):
         generator_config({**DEMO_G, "feature_widths": [48, 32]})
-    with pytest.raises(ValueError, match=r"model.critic.in_size: 100 is not divisible by 2\*\*4"):
-        critic_config({**DEMO_D, "in_size": 100})
+    with pytest.raises(ValueError, match=r"model.critic.blocks_per_stage: expected 5 entries"):
+        critic_config({**DEMO_D, "blocks_per_stage": [1, 1]})
     with pytest.raises(ValueError, match="model.critic: unknown key 'fc'"):
         critic_config({**DEMO_D, "fc": [1]})
-    with pytest.raises(ValueError, match=r"GeneratorConfig.scale: only 4"):
-        GeneratorConfig(scale=2)
-
-
-def _documented(label: str) -> int:
-    text = (project_root() / "docs" / "model.md").read_text(encoding="utf-8")
-    m = re.search(re.escape(label) + r":\s*\*\*([\d,]+)\*\*", text)
-    assert m, f"docs/model.md has no '{label}: **N**' line"
-    return int(m.group(1).replace(",", ""))
-
-
-def test_paper_parameter_counts_match_docs():
-    with torch.device("meta"):
-        g, d = Generator(GeneratorConfig()), Discriminator(CriticConfig())
-    assert count_params(g) == _documented("Generator parameters (paper)")
-    assert count_params(d) == _documented("Critic parameters (paper)")
-    assert g.receptive_radius == _documented("Generator receptive radius (paper, LR px)")
+    with pytest.raises(ValueError, match=r"GeneratorConfig.kernel_size: expected an odd"):
+        GeneratorConfig(kernel_size=4)
 
 
 def test_flops_per_patch_counts_convs():
     conv = torch.nn.Conv2d(3, 8, 3, padding=1)
     assert flops_per_patch(conv, (3, 10, 10)) == 2 * 3 * 8 * 9 * 100
     assert flops_per_patch(conv, (4, 3, 10, 10)) == 2 * 3 * 8 * 9 * 100
-    text = info_text(generator_config(DEMO_G), critic_config(DEMO_D), 24)
-    assert "96,758 parameters" in text and "47,065 parameters" in text
-    assert "warning" not in text
+    text = info_text(GeneratorConfig(), CriticConfig(), 48)
+    assert "generator: 20,933,504 parameters" in text and "critic:    20,817,025 parameters" in text
+    assert "per 48x48 LR patch" in text and "136 noise injectors" in text and "warning" not in text
     assert "warning: critic in_size 96" in info_text(generator_config(DEMO_G), critic_config(DEMO_D), 48)

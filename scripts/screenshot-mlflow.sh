@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Render the MLflow UI's runs table of the `srmap` experiment with headless Chromium into
+# docs/mlflow.png (the README's screenshot). Run after `make demo`.
+# Usage: scripts/screenshot-mlflow.sh [store-uri]   (default: sqlite:///$PWD/mlflow.db)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+store="${1:-sqlite:///$PWD/mlflow.db}"
+case "$store" in sqlite:///*) [ -f "${store#sqlite:///}" ] || {
+  echo "screenshot-mlflow: ${store#sqlite:///} not found (run 'make demo' first)" >&2; exit 2; } ;; esac
+port="$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+work="$(mktemp -d)"
+mlflow server --backend-store-uri "$store" --default-artifact-root "$PWD/mlartifacts" \
+  --host 127.0.0.1 --port "$port" --workers 1 >"$work/server.log" 2>&1 &
+server=$!
+trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 120); do
+  curl -fs "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+  kill -0 "$server" 2>/dev/null || { echo "screenshot-mlflow: mlflow server exited:" >&2; tail -5 "$work/server.log" >&2; exit 1; }
+  sleep 1
+done
+exp_id="$(curl -fs "http://127.0.0.1:$port/api/2.0/mlflow/experiments/get-by-name?experiment_name=srmap" |
+  python -c 'import json, sys; print(json.load(sys.stdin)["experiment"]["experiment_id"])')"
+# The experiment page in the "Model training" view: MLflow 3.17 picks the view from ?workflowType= (else the
+# browser's last choice, GenAI at first); with that view the experiment kind tag sends it to the runs table.
+chromium --headless --no-sandbox --disable-gpu --disable-dev-shm-usage --disable-background-networking \
+  --disable-component-update --disable-sync --no-first-run --user-data-dir="$work/profile" --hide-scrollbars \
+  --window-size=1600,900 --virtual-time-budget=20000 \
+  --screenshot="$PWD/docs/mlflow.png" "http://127.0.0.1:$port/#/experiments/$exp_id?workflowType=machine_learning" >/dev/null 2>&1
+echo "wrote docs/mlflow.png (experiment $exp_id)"
