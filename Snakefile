@@ -181,6 +181,39 @@ rule train_gan:
         f"{RUN}{{params.launcher}} pipeline/train_gan.py --profile {PROFILE} 2>&1 | tee -a {{log}}"
 
 
+rule baselines:
+    input:
+        "pipeline/baselines.py",
+        "srmap/baselines.py",
+        "srmap/baselines.json",
+        "srmap/evaluate.py",
+        "srmap/metrics.py",
+        "srmap/inference.py",
+        "srmap/download.py",
+        "srmap/degrade.py",
+        "srmap/nets.py",
+        "srmap/checkpoint.py",
+        "srmap/data.py",
+        "srmap/config.py",
+        "srmap/tracking.py",
+        "srmap/utils.py",
+        f"data/{PROFILE}/prepared",
+    output:
+        directory(f"results/{PROFILE}/baselines/eval"),
+        f"results/{PROFILE}/baselines/metrics.json",
+    params:
+        tracked=tracked("baselines"),
+    log:
+        f"logs/{PROFILE}/baselines.log",
+    threads: res("baselines", "cpus")
+    resources:
+        **resources("baselines"),
+    conda:
+        CONDA_ENV
+    shell:
+        f"{RUN}python pipeline/baselines.py --profile {PROFILE} 2>&1 | tee -a {{log}}"
+
+
 rule evaluate:
     input:
         "pipeline/evaluate.py",
@@ -227,6 +260,8 @@ rule report:
         "reports/published.csv",
         f"results/{PROFILE}/metrics.json",
         f"results/{PROFILE}/eval",
+        f"results/{PROFILE}/baselines/metrics.json",
+        f"results/{PROFILE}/baselines/eval",
         f"data/{PROFILE}/prepared",
         f"models/{PROFILE}/pretrain/losses.csv",
         f"models/{PROFILE}/train_gan/losses.csv",

@@ -16,11 +16,14 @@
 * :func:`count_samples` finds how many samples a folder of released SR
   images (NCSR, SRFlow, ...) holds per image, in either layout that
   ``srmap.evaluate`` reads.
+* :func:`baseline_methods` turns a profile's ``baselines`` section into the
+  Table 2 rows (``srmap.evaluate.Method``) the ``baselines`` stage scores.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -252,3 +255,56 @@ def count_samples(gt_stems: Sequence[str], sr_dir: Path) -> int:
         return 1
     raise FileNotFoundError(f"{sr_dir}: no SR image for the first GT image {stem!r} (expected {stem}_s0.png, "
                             f"000000_sample00000.png or {stem}.png)")
+
+
+def method_slug(name: str) -> str:
+    """Slug of a configured row name ('NCSR' -> 'ncsr', 'Real-ESRGAN x4' -> 'real_esrgan_x4').
+
+    Raises ValueError for a name without letters or digits.
+    """
+    slug = re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_")
+    if not slug:
+        raise ValueError(f"baseline name {name!r}: needs letters or digits")
+    return slug
+
+
+def baseline_methods(section: Mapping[str, Any], *, root: Path, models_dir: Path, gt_stems: Sequence[str],
+                     base_url: str | None = None, progress: bool = True) -> list:
+    """Table 2 rows of the ``baselines`` stage, in order: Bicubic, published models, checkpoints, external folders.
+
+    ``section`` is a profile's ``baselines`` params: ``models`` (slugs of
+    :data:`WEIGHTS`, fetched into ``models_dir`` unless ``download`` is
+    false), ``checkpoints`` ({row name: checkpoint path}) and ``external``
+    ({row name: folder of released SR images}); relative paths are taken from
+    ``root``. ``gt_stems`` (sorted validation stems) fixes an external
+    folder's sample count. Returns ``srmap.evaluate.Method`` records. Raises
+    FileNotFoundError naming a missing file or folder (for official weights:
+    where to put it and its URL) and ValueError for clashing names.
+    """
+    from srmap.download import DownloadError
+    from srmap.evaluate import Method
+
+    root = Path(root)
+    methods = [Method("bicubic", "Bicubic")]
+    for slug in section["models"]:
+        try:
+            path = fetch_weights(str(slug), models_dir, download=bool(section["download"]), base_url=base_url,
+                                 progress=progress)
+        except DownloadError as exc:
+            raise FileNotFoundError(f"{weights_path(str(slug), models_dir)}: not there and the download failed: "
+                                    f"{exc}") from None
+        methods.append(Method(str(slug), WEIGHTS[str(slug)].label, checkpoint=path))
+    for name, file in section["checkpoints"].items():
+        path = root / str(file)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint of baseline {name!r} not found "
+                                    f"(params: baselines.checkpoints.{name})")
+        methods.append(Method(method_slug(name), str(name), checkpoint=path))
+    for name, folder in section["external"].items():
+        sr_dir = root / str(folder)
+        methods.append(Method(method_slug(name), str(name), sr_dir=sr_dir, samples=count_samples(gt_stems, sr_dir)))
+    slugs = [m.slug for m in methods]
+    clash = sorted({s for s in slugs if slugs.count(s) > 1})
+    if clash:
+        raise ValueError(f"baselines: two rows share the name {clash[0]!r}; rename one in params.yaml")
+    return methods

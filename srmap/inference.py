@@ -97,14 +97,18 @@ def upscale_tensor(G: "Generator", lr: "torch.Tensor", *, seed: int | None = Non
     ``tile`` > 0 processes ``tile``-pixel LR blocks with ``tile_pad`` pixels of
     context (None: ``G.receptive_radius``, the smallest exact pad);
     ``tile_pad < G.receptive_radius`` warns, since tiles are then no longer
-    exact. ``seed=None`` draws one seed from torch's global RNG so all tiles of
-    the call still share the same noise field.
+    exact (a model whose radius is None needs an explicit ``tile_pad``).
+    ``seed=None`` draws one seed from torch's global RNG so all tiles of the
+    call still share the same noise field.
     """
     import torch
 
     if lr.ndim != 4 or lr.shape[1] != 3:
         raise ValueError(f"upscale_tensor expects lr of shape (N,3,h,w), got {tuple(lr.shape)}")
-    radius = int(G.receptive_radius)
+    # a published model may not know its radius (attention windows): its tiles are approximate by nature
+    radius = None if G.receptive_radius is None else int(G.receptive_radius)
+    if tile_pad is None and radius is None:
+        raise ValueError(f"{G} has no known receptive radius; give tile_pad explicitly")
     tile_pad = radius if tile_pad is None else tile_pad
     if tile < 0 or tile_pad < 0:
         raise ValueError(f"tile and tile_pad must be >= 0, got tile={tile}, tile_pad={tile_pad}")
@@ -112,7 +116,7 @@ def upscale_tensor(G: "Generator", lr: "torch.Tensor", *, seed: int | None = Non
         h, w = lr.shape[-2:]
         if tile == 0 or (tile >= h and tile >= w):
             return G(lr, seed=seed, noise_scale=noise_scale)
-        if tile_pad < radius:
+        if radius is not None and tile_pad < radius:
             warnings.warn(f"tile_pad={tile_pad} is below the generator's receptive radius ({radius} LR pixels): "
                           "tile seams will differ from the whole-image result", stacklevel=2)
         if seed is None:
