@@ -12,12 +12,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from srmap.venv import use_project_venv  # noqa: E402
+
+use_project_venv()  # `.venv/bin/dvc repro` without an activated venv still runs the stages there
 
 from srmap.config import StageContext, stage_main  # noqa: E402
 
 
 def main(ctx: StageContext) -> None:
     from srmap.nets import generator_config
+    from srmap.options import PretrainOptions
     from srmap.tracking import Tracker
     from srmap.train import pretrain
 
@@ -27,8 +31,8 @@ def main(ctx: StageContext) -> None:
     with Tracker(ctx.root, stage="pretrain", profile=ctx.profile, enabled=rank0,
                  params={"pretrain": section, "model": {"generator": model}}, pipeline_params=ctx.params) as tracker:
         tracker.log_dataset(ctx.paths.prepared / "train", name=f"{ctx.profile}-train")
-        out = pretrain(data_dir=ctx.paths.prepared / "train", out_dir=ctx.paths.pretrain,
-                       gen_cfg=generator_config(model), tracker=tracker, **section)
+        out = pretrain(PretrainOptions(**section), data_dir=ctx.paths.prepared / "train", out_dir=ctx.paths.pretrain,
+                       gen_cfg=generator_config(model), tracker=tracker)
     if rank0:
         print(f"pretrain: generator in {out}")
 

@@ -13,12 +13,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from srmap.venv import use_project_venv  # noqa: E402
+
+use_project_venv()  # `.venv/bin/dvc repro` without an activated venv still runs the stages there
 
 from srmap.config import StageContext, stage_main  # noqa: E402
 
 
 def main(ctx: StageContext) -> None:
     from srmap.nets import critic_config, generator_config
+    from srmap.options import GanOptions
     from srmap.tracking import Tracker
     from srmap.train import train_gan
 
@@ -28,10 +32,10 @@ def main(ctx: StageContext) -> None:
     with Tracker(ctx.root, stage="train_gan", profile=ctx.profile, enabled=rank0,
                  params={"train_gan": section, "model": model}, pipeline_params=ctx.params) as tracker:
         tracker.log_dataset(ctx.paths.prepared / "train", name=f"{ctx.profile}-train")
-        out = train_gan(data_dir=ctx.paths.prepared / "train", out_dir=ctx.paths.train_gan,
+        out = train_gan(GanOptions(**section), data_dir=ctx.paths.prepared / "train", out_dir=ctx.paths.train_gan,
                         init_generator=ctx.paths.pretrain / "generator.pt",
                         gen_cfg=generator_config(model["generator"]), critic_cfg=critic_config(model["critic"]),
-                        tracker=tracker, **section)
+                        tracker=tracker)
     if rank0:
         print(f"train_gan: generator in {out}")
 

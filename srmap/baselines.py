@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     import torch
 
 SCALE = 4
-_KEYS_SHOWN = 3  # how many state-dict keys an "unrecognised file" message quotes
 
 
 @dataclass(frozen=True)
@@ -147,12 +146,6 @@ def _receptive_radius(descriptor: Any) -> int | None:
     return 15 * int(hp["num_blocks"]) + 4
 
 
-def _short_keys(state: Mapping) -> str:
-    keys = [str(k) for k in list(state)[:_KEYS_SHOWN]]
-    more = ", ..." if len(state) > _KEYS_SHOWN else ""
-    return f"{len(state)} keys: {', '.join(keys)}{more}"
-
-
 def is_srmap_checkpoint(ckpt: Mapping) -> bool:
     """True for SRMAP's own files: a generator file (key 'format') or a training checkpoint ('gen_config')."""
     return "format" in ckpt or "gen_config" in ckpt
@@ -204,11 +197,13 @@ def _spandrel_descriptor(state: Mapping, path: Path):
     """spandrel's ImageModelDescriptor for ``state``; ValueError naming ``path`` if unusable here."""
     from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError
 
+    from srmap.inference import describe_keys
+
     try:
         descriptor = ModelLoader().load_from_state_dict(dict(state))
     except UnsupportedModelError:
         raise ValueError(f"{path}: neither an SRMAP checkpoint nor a model spandrel recognises "
-                         f"({_short_keys(state)})") from None
+                         f"({describe_keys(state)})") from None
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise ValueError(f"{path}: looks like {_guess(state)} but its weights do not load ({first})") from None

@@ -50,6 +50,19 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a float that is not NaN or inf (else one usage line naming the value)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``srmap`` command and its subcommands."""
     from srmap.utils import project_root
@@ -59,16 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
                                  "explicit MAP estimation. Upscale or score your own images.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("upscale", help="upscale an image or a folder of images x4 with a trained generator",
-                       description="Upscale images x4. Tiled inference bounds memory; position-keyed noise makes "
-                                   "the tiled result equal the whole-image one.")
+    p = sub.add_parser("upscale", help="upscale an image or a folder of images x4 with a trained generator "
+                                       "or a published x4 model",
+                       description="Upscale images x4 into PNGs. Tiled inference bounds memory; position-keyed "
+                                   "noise makes the tiled result equal the whole-image one. Alpha: a transparent "
+                                   "image (RGBA, gray+alpha, palette with a transparent index) comes back RGBA; the "
+                                   "alpha channel is upscaled apart with bicubic, without noise. 16-bit: a 16-bit "
+                                   "input is read at full precision and written as a 16-bit PNG; 8-bit stays 8-bit. "
+                                   "EXIF orientation is applied on read, so the output is upright and carries no "
+                                   "EXIF. A file that fails (unreadable, or NaN/inf output) is named in one line and "
+                                   "nothing is written for it.")
     p.add_argument("input", type=Path, help="an image file or a folder of images")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--checkpoint", type=Path, required=True,
-                   help="generator.pt (or a training checkpoint.pt) from the pipeline")
+                   help="generator.pt, or a training checkpoint.pt (its EMA generator when it has one), or a "
+                        "published x4 model spandrel reads (ESRGAN/RRDBNet in the original or BasicSR layout, "
+                        "params_ema files, .safetensors, Real-ESRGAN, SwinIR, ...; deterministic: --samples 1)")
     p.add_argument("--samples", type=int, default=1, help="samples per image (seeds seed..seed+N-1) [1]")
     p.add_argument("--seed", type=int, default=0, help="first sample's seed [0]")
-    p.add_argument("--noise-scale", type=float, default=1.0, help="noise multiplier; 0 = deterministic [1.0]")
+    p.add_argument("--noise-scale", type=finite_float, default=1.0, help="noise multiplier; 0 = deterministic [1.0]")
     p.add_argument("--tile", type=int, default=0, help="LR tile size in pixels; 0 = whole image [0]")
     p.add_argument("--tile-pad", type=int, default=16, help="LR context around each tile [16]")
     p.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
@@ -104,14 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``srmap`` console command; returns the exit status."""
+    import warnings
+
     from srmap.config import ConfigError
+    from srmap.imageio import ImageConversionWarning
 
     args = build_parser().parse_args(argv)
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ImageConversionWarning):  # a note about the user's file, not about our code
+            print(f"srmap {args.command}: note: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line
     try:
         return int(args.func(args) or 0)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"srmap {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = show
 
 
 if __name__ == "__main__":

@@ -2,27 +2,58 @@
 
 Every problem is raised as :class:`ConfigError` with one line that names the
 file and the dotted key, so a stage fails with a message like
-``params.yaml: missing key 'demo.pretrain.lr' (a number)``.
+``params.yaml: missing key 'demo.pretrain.lr' (a number)``. The schema of the
+``pretrain`` and ``train_gan`` sections is derived from the options records in
+:mod:`srmap.options`, which also check each value's range.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from srmap.options import GanOptions, OptionError, PretrainOptions
 
 NUM = (int, float)
 OPT_NUM = (int, float, type(None))  # a number or null
 OPT_INT = (int, type(None))  # an integer or null
 RESOURCES = {"gpus": int, "cpus": int, "mem_mb": int, "runtime": int}  # one stage's cluster request
-_TRAIN_COMMON = {
-    "seed": int, "batch_size": int, "lr_patch": int, "betas": list, "epochs": int, "iters_per_epoch": int,
-    "milestones": list, "lr_gamma": NUM, "ckpt_every": int, "log_every": int, "workers": int,
-    "max_bad_steps": int, "amp": bool, "channels_last": bool, "compile": bool,
-}
+# Sections whose keys are the fields of an options record (srmap.options); their schema derives from it.
+OPTIONS = {"pretrain": PretrainOptions, "train_gan": GanOptions}
+
+
+def _yaml_type(hint: Any) -> Any:
+    """The params.yaml type of an options field's annotation (int, NUM, OPT_NUM, bool, str or list)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint in (int, bool, str):
+        return hint
+    if hint is float:
+        return NUM
+    if origin is typing.Literal and all(isinstance(a, str) for a in args):
+        return str
+    if origin is tuple:
+        return list
+    if origin in (typing.Union, types.UnionType) and set(args) == {float, type(None)}:
+        return OPT_NUM
+    raise TypeError(f"no params.yaml type for the annotation {hint!r}")
+
+
+def options_schema(cls: type) -> dict[str, Any]:
+    """``{field name: params.yaml type}`` of an options dataclass, in field order.
+
+    Raises TypeError for an annotation with no params.yaml counterpart (add it to :func:`_yaml_type`).
+    """
+    hints = typing.get_type_hints(cls)
+    return {f.name: _yaml_type(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
 # Expected keys (and types) of each profile section. Nested dicts are sub-schemas.
 SCHEMA: dict[str, Any] = {
     "data": {"source": str, "train": list, "valid": list, "scale": int, "max_pixels": int, "workers": int},
@@ -32,9 +63,7 @@ SCHEMA: dict[str, Any] = {
         "critic": {"basis_size": int, "stage_widths": list, "blocks_per_stage": list, "epilog_width": int,
                    "latent_width": int, "compression": int, "kernel_size": int},
     },
-    "pretrain": {**_TRAIN_COMMON, "lr": NUM, "noise": bool},
-    "train_gan": {**_TRAIN_COMMON, "lr_g": NUM, "lr_d": NUM, "alpha": NUM, "r1_gamma": NUM, "adv_loss": str,
-                  "image_every": int, "ema_beta": NUM, "noise_init": OPT_NUM},
+    **{section: options_schema(cls) for section, cls in OPTIONS.items()},
     "evaluate": {"samples": int, "noise_scale": NUM, "crop_border": int, "lpips_pretrained": bool, "tile": int,
                  "tile_pad": int},
     "baselines": {"models": list, "checkpoints": dict, "external": dict, "download": bool, "tile": int,
@@ -45,7 +74,8 @@ SCHEMA: dict[str, Any] = {
                                                  "report")},
 }
 # Allowed values. Only x4: the generator, training, evaluation and report are built for 4.
-CHOICES = {"data.source": ("skimage", "div2k"), "data.scale": (4,), "train_gan.adv_loss": ("softplus", "hinge")}
+# (The options records check their own ranges and choices, e.g. train_gan.adv_loss.)
+CHOICES = {"data.source": ("skimage", "div2k"), "data.scale": (4,)}
 
 
 class ConfigError(ValueError):
@@ -126,6 +156,12 @@ def validate(doc: Any, profile: str | None = None, fname: str = "params.yaml") -
         if section[sec][key] not in allowed:
             expected = f"{allowed[0]!r}" if len(allowed) == 1 else f"one of {allowed}"
             raise ConfigError(f"{fname}: key '{name}.{dotted}' must be {expected}, got {section[sec][key]!r}")
+    for sec, cls in OPTIONS.items():
+        try:
+            cls(**section[sec])
+        except OptionError as exc:
+            raise ConfigError(f"{fname}: key '{name}.{sec}.{exc.key}' must be {exc.expected}, "
+                              f"got {exc.value!r}") from None
     return name, section
 
 

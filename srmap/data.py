@@ -1,4 +1,4 @@
-"""Images in, training patches out: reading/writing PNGs, the demo images, the degrade stage and PatchDataset.
+"""Images in, training patches out: the demo images, the degrade stage and PatchDataset (files: srmap.imageio).
 
 The degrade stage decodes every HR PNG once and stores HR and x4 LR as ``.npy``
 (uint8 HxWx3); :class:`PatchDataset` memory-maps those, so sampling a patch is
@@ -12,16 +12,15 @@ import json
 import multiprocessing
 import os
 import warnings
-import zlib
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from srmap.degrade import imresize, mod_crop
+from srmap.imageio import ImageConversionWarning, array_to_rgb, read_rgb8, write_png
 from srmap.utils import atomic_path, atomic_write_json
 
 MANIFEST = "manifest.json"  # written last by degrade_split; lists the pairs and their shapes
@@ -35,122 +34,10 @@ SKIMAGE_IMAGES = (
 )
 
 
-class ImageConversionWarning(UserWarning):
-    """An input image was not 8-bit RGB and was converted (gray, alpha, palette, 16-bit)."""
-
-
-def _to_rgb8(arr: np.ndarray, name: str, notes: list[str]) -> np.ndarray:
-    """Convert a decoded HxW / HxWxC array (bool, uint8, uint16 or float in [0, 1]) to uint8 HxWx3.
-
-    Appends a short description of every conversion to ``notes``.
-    """
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8) * 255
-        notes.append("1-bit to 0/255")
-    elif arr.dtype.kind == "u" and arr.dtype.itemsize == 2:  # uint16 in either byte order
-        # keep the high byte, as OpenCV's imread(IMREAD_COLOR) does in BasicSR and the NTIRE scripts
-        arr = (arr.astype(np.uint16) >> 8).astype(np.uint8)
-        notes.append("16-bit to 8-bit (high byte)")
-    elif np.issubdtype(arr.dtype, np.floating):
-        if arr.size and (np.nanmin(arr) < 0 or np.nanmax(arr) > 1 or np.isnan(arr).any()):
-            raise ValueError(f"{name}: float image outside [0, 1]; expected uint8/uint16 or float in [0, 1]")
-        arr = np.round(arr * 255).astype(np.uint8)
-        notes.append("float to 8-bit")
-    elif arr.dtype != np.uint8:
-        raise ValueError(f"{name}: unsupported pixel type {arr.dtype}; expected 8- or 16-bit")
-    if arr.ndim == 3 and arr.shape[2] in (2, 4):
-        arr = arr[:, :, :-1]  # drop alpha, as cv2.imread(IMREAD_COLOR) does
-        notes.append("alpha channel dropped")
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-        notes.append("gray to RGB")
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"{name}: image of shape {arr.shape}; expected HxW, HxWx1, HxWx3 or HxWx4")
-    return np.ascontiguousarray(arr)
-
-
-def _warn_conversion(name: str, mode: str, notes: list[str]) -> None:
-    """Emit one ImageConversionWarning naming the image and what was converted (if anything)."""
-    if notes:
-        warnings.warn(f"{name}: converted {mode} image to 8-bit RGB ({', '.join(notes)})",
-                      ImageConversionWarning, stacklevel=3)
-
-
-def read_image(path, *, max_pixels: int) -> np.ndarray:
-    """Read an image file (PNG, or anything Pillow decodes) as uint8 HxWx3 RGB.
-
-    Gray, gray+alpha, RGBA, palette and 16-bit images are converted with an
-    :class:`ImageConversionWarning`. Raises FileNotFoundError for a missing
-    file, and ValueError naming the file for an undecodable or truncated file
-    or one with more than ``max_pixels`` pixels (decompression-bomb guard,
-    checked from the header before decoding).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image file")
-
-    def bomb(size: str) -> str:
-        return (f"{path}: {size} is more than max_pixels={max_pixels} (decompression-bomb guard); "
-                f"raise data.max_pixels in params.yaml if the image is genuine")
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
-        try:
-            im = Image.open(path)
-        except Image.DecompressionBombError as e:
-            raise ValueError(bomb("a size beyond Pillow's own hard limit")) from e
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"{path}: cannot decode image ({e})") from e
-    with im:
-        w, h = im.size
-        if w * h > max_pixels:
-            raise ValueError(bomb(f"{w}x{h} = {w * h} pixels"))
-        # The raw mode (e.g. 'RGB;16B') tells 16-bit files apart; Pillow drops it after load().
-        deep = any(";16" in str(getattr(tile, "args", "")) for tile in (im.tile or []))
-        try:
-            im.load()
-        except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as e:
-            raise ValueError(f"{path}: truncated or corrupt image ({e})") from e
-        mode = im.mode
-        # Pillow already reduced 16-bit RGB(A)/LA to their high bytes; I;16 is reduced in _to_rgb8
-        notes = ["16-bit to 8-bit (high byte)"] if deep and not mode.startswith("I") else []
-        if mode in ("P", "PA"):
-            has_alpha = mode == "PA" or "transparency" in im.info
-            arr = np.asarray(im.convert("RGBA" if has_alpha else "RGB"))
-            notes.append("palette expanded")
-        elif mode in ("1", "L", "LA", "RGB", "RGBA") or mode.startswith("I;16"):
-            arr = np.asarray(im)
-        elif mode == "I":
-            arr = np.asarray(im)
-            if arr.size and (arr.min() < 0 or arr.max() > 65535):
-                raise ValueError(f"{path}: 32-bit integer image with values outside [0, 65535]")
-            arr = arr.astype(np.uint16)
-        elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-            arr = np.asarray(im.convert("RGB"))
-            notes.append(f"{mode} to RGB")
-        else:
-            raise ValueError(f"{path}: unsupported image mode {mode!r}; expected gray, RGB(A), palette, 8/16-bit")
-    rgb = _to_rgb8(arr, str(path), notes)
-    _warn_conversion(str(path), mode, notes)
-    return rgb
-
-
-def write_png(path, img_uint8_hwc: np.ndarray) -> None:
-    """Write a uint8 HxWx3 (or HxW) array to ``path`` as PNG, atomically."""
-    img = np.asarray(img_uint8_hwc)
-    if img.dtype != np.uint8 or not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
-        raise ValueError(f"write_png({path}): expected uint8 HxWx3 or HxW, got {img.dtype} {img.shape}")
-    with atomic_path(path) as tmp:
-        Image.fromarray(img).save(tmp, format="PNG")
-
-
 def _write_npy(path: Path, arr: np.ndarray) -> None:
     """Write ``arr`` as .npy atomically (via a file object, so numpy does not append a suffix)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr)
 
 
 def _load_skimage(name: str) -> np.ndarray:
@@ -184,8 +71,16 @@ def fetch_skimage(names: Sequence[str], out_dir: Path, *, multiple: int = 4) -> 
     for name in names:
         notes: list[str] = []
         raw = _load_skimage(name)
-        img = mod_crop(_to_rgb8(raw, f"skimage.data.{name}", notes), multiple)
-        _warn_conversion(f"skimage.data.{name}", f"{raw.dtype} {'x'.join(map(str, raw.shape))}", notes)
+        rgb, alpha = array_to_rgb(raw, f"skimage.data.{name}", notes)
+        if rgb.dtype == np.uint16:
+            rgb = (rgb >> 8).astype(np.uint8)
+            notes.append("16-bit to 8-bit (high byte)")
+        if alpha is not None:
+            notes.append("alpha channel dropped")
+        if notes:
+            warnings.warn(f"skimage.data.{name}: converted {raw.dtype} {'x'.join(map(str, raw.shape))} image to "
+                          f"8-bit RGB ({', '.join(notes)})", ImageConversionWarning, stacklevel=2)
+        img = mod_crop(rgb, multiple)
         path = out_dir / f"{name}.png"
         write_png(path, img)
         paths.append(path)
@@ -195,7 +90,7 @@ def fetch_skimage(names: Sequence[str], out_dir: Path, *, multiple: int = 4) -> 
 def _degrade_one(job: tuple[Path, Path, int, str, int, int]) -> tuple[str, list[int], list[int]]:
     """Worker of :func:`degrade_split`: one HR PNG -> HR/LR pair on disk; returns (stem, hr shape, lr shape)."""
     path, out_dir, scale, fmt, max_pixels, min_hr_size = job
-    hr = mod_crop(read_image(path, max_pixels=max_pixels), scale)
+    hr = mod_crop(read_rgb8(path, max_pixels=max_pixels), scale)
     h, w = hr.shape[:2]
     if min(h, w) < max(min_hr_size, scale):
         raise ValueError(f"{path}: {h}x{w} after cropping to a multiple of {scale} is smaller than one "

@@ -183,7 +183,7 @@ def extract_pngs(zip_path: Path, out_dir: Path, *, max_pixels: int, names: Colle
     goes to a temporary folder renamed onto ``out_dir`` at the end, so on any
     error nothing is left behind. Returns the written paths, sorted.
     """
-    from srmap.data import read_image  # torch-heavy module, only needed here
+    from srmap.imageio import read_image
 
     zip_path, out_dir = Path(zip_path), Path(out_dir)
     names = None if names is None else set(names)

@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from srmap.data import write_png
-from srmap.inference import read_rgb
+from srmap.imageio import read_rgb8, write_png
 from srmap.metrics import LPIPS, FidelityReference, diversity_score, lpips_of_maps, lr_psnr_to, ntire_crop
 from srmap.utils import atomic_path
 
@@ -161,6 +160,28 @@ def score_image(gt_uint8: np.ndarray, samples_uint8: list, lpips: LPIPS, *, crop
             **fidelity_scores(gt_uint8, samples_uint8, crop_border=crop_border)}
 
 
+LPIPS_MIN_SIDE = 32  # the smallest input side LPIPS's AlexNet takes (its 5 conv/pool stages)
+
+
+def check_pair(gt_path: Path, gt_shape: tuple, sr_path: Path, sr_shape: tuple) -> None:
+    """Refuse, naming both files, an SR that is not its GT's size up to the protocol's crop, or a too-small GT.
+
+    The NTIRE 2021 protocol crops the GT (H, W) top-left to multiples of 8;
+    an SR may therefore be from (H//8*8, W//8*8) up to (H, W) pixels. A GT
+    whose cropped size has a side under ``LPIPS_MIN_SIDE`` cannot be scored.
+    Raises ValueError (one line).
+    """
+    h, w = gt_shape[:2]
+    h8, w8 = h // 8 * 8, w // 8 * 8
+    if min(h8, w8) < LPIPS_MIN_SIDE:
+        raise ValueError(f"{gt_path}: GT is {h}x{w} (HxW), {h8}x{w8} after the protocol's crop to a multiple of 8; "
+                         f"LPIPS needs at least {LPIPS_MIN_SIDE} px per side")
+    H, W = sr_shape[:2]
+    if not (h8 <= H <= h and w8 <= W <= w):
+        raise ValueError(f"{sr_path}: SR is {H}x{W} (HxW) but its GT {gt_path} is {h}x{w}; expected the GT's "
+                         f"size (at least {h8}x{w8}, the protocol's crop to a multiple of 8)")
+
+
 def _score_dirs(gt_dir: Path, sr_dir: Path, samples: int, scale: int, lpips: LPIPS, crop_border: int,
                 progress: bool, desc: str = "evaluate") -> "pd.DataFrame":
     import pandas as pd
@@ -169,8 +190,11 @@ def _score_dirs(gt_dir: Path, sr_dir: Path, samples: int, scale: int, lpips: LPI
     found = find_samples(gt_dir, sr_dir, samples, scale=scale)
     rows = []
     for gt_path, sr_paths in tqdm(found.items(), desc=desc, unit="img", disable=not progress, file=sys.stderr):
-        scores = score_image(read_rgb(gt_path), [read_rgb(p) for p in sr_paths], lpips, crop_border=crop_border,
-                             scale=scale)
+        gt = read_rgb8(gt_path)
+        srs = [read_rgb8(p) for p in sr_paths]
+        for p, sr in zip(sr_paths, srs):
+            check_pair(Path(gt_path), gt.shape, p, sr.shape)
+        scores = score_image(gt, srs, lpips, crop_border=crop_border, scale=scale)
         rows.append({"image": Path(gt_path).stem, **scores})
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -246,7 +270,7 @@ def _generate(method: Method, lr_files: list[Path], sr_dir: Path, *, noise_scale
         raise ValueError(f"method {method.slug!r}: {method.checkpoint} holds a deterministic model; samples must be 1")
     noise = noise_scale if method.samples > 1 else 0.0
     for lr_path in tqdm(lr_files, desc=f"upscale {method.slug}", unit="img", file=sys.stderr):
-        lr = read_rgb(lr_path)
+        lr = read_rgb8(lr_path)
         if G is None:
             write_png(sr_dir / f"{lr_path.stem}.png", imresize(lr, SCALE))
         else:

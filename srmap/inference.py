@@ -12,6 +12,7 @@ with the tile, not with the image.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from srmap.data import write_png
+from srmap.imageio import IMAGE_SUFFIXES, read_image, save_png
+from srmap.utils import atomic_path
 
 if TYPE_CHECKING:
     import torch
@@ -27,61 +29,69 @@ if TYPE_CHECKING:
     from srmap.nets import Generator
 
 SCALE = 4
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as uint8 HxWx3 RGB (grey and palette expanded, alpha dropped as cv2 does).
-
-    Raises FileNotFoundError for a missing file and ValueError naming the file
-    for anything PIL cannot decode or for non-8-bit images.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as im:
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                raise ValueError(f"{path}: {im.mode} images are not supported; expected 8-bit RGB/grey/palette")
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as exc:
-        raise ValueError(f"{path}: cannot decode image ({exc})") from exc
+def describe_keys(keys) -> str:
+    """'N keys: a, b, c, ...' for an error line (never the whole list)."""
+    keys = sorted(map(str, keys))
+    more = ", ..." if len(keys) > 5 else ""
+    return f"{len(keys)} key(s): {', '.join(keys[:5])}{more}"
 
 
-def load_generator(path: str | Path, device: str = "cpu") -> "Generator":
+def load_generator(path: str | Path, device: str = "cpu") -> Generator:
     """Load a generator for inference from a checkpoint file; returns it in eval mode on ``device``, frozen.
 
     Accepts a ``srmap-generator/1`` file (keys format, config, state_dict) or
-    a training checkpoint (keys gen_config, G). Reads with
-    ``torch.load(weights_only=True)``, so a crafted pickle never runs; a bad
-    file raises ValueError (missing: FileNotFoundError) naming it.
+    a training checkpoint such as ``models/<profile>/train_gan/checkpoint.pt``
+    (keys gen_config and G; its EMA generator ``G_ema`` is taken when present).
+    Reads with ``torch.load(weights_only=True)``, so a crafted pickle never
+    runs. Raises FileNotFoundError for a missing file and ValueError naming it
+    for a foreign file (one line: the key count and a few keys), weights that
+    do not fit the config, or non-finite weights (a diverged run).
     """
+    import torch
+
     from srmap.checkpoint import GENERATOR_FORMAT, load_checkpoint
     from srmap.nets import Generator, generator_config
 
     path = Path(path)
     ckpt = load_checkpoint(path, map_location="cpu")
-    if "format" in ckpt:
-        if ckpt["format"] != GENERATOR_FORMAT:
-            raise ValueError(f"{path}: format is {ckpt['format']!r}; expected {GENERATOR_FORMAT!r}")
+    if ckpt.get("format") == GENERATOR_FORMAT:
         cfg, state = ckpt.get("config"), ckpt.get("state_dict")
-    elif "gen_config" in ckpt and "G" in ckpt:
-        cfg, state = ckpt["gen_config"], ckpt["G"]
+    elif "gen_config" in ckpt and ("G_ema" in ckpt or "G" in ckpt):
+        cfg, state = ckpt["gen_config"], ckpt["G_ema"] if ckpt.get("G_ema") is not None else ckpt["G"]
+    elif "format" in ckpt:
+        raise ValueError(f"{path}: format is {str(ckpt['format'])[:60]!r}; expected {GENERATOR_FORMAT!r} or a "
+                         f"training checkpoint with 'gen_config' and 'G'")
     else:
-        raise ValueError(f"{path}: not a generator checkpoint; expected format {GENERATOR_FORMAT!r} or the keys "
-                         f"'gen_config' and 'G', found keys {sorted(map(str, ckpt))}")
+        raise ValueError(f"{path}: not an SRMAP generator (expected format {GENERATOR_FORMAT!r} or the keys "
+                         f"'gen_config' and 'G'); found {describe_keys(ckpt)}")
     if not isinstance(cfg, dict) or not isinstance(state, dict):
         raise ValueError(f"{path}: generator config and weights must both be dicts")
     # A checkpoint saved from a torch.compile'd module prefixes every key.
     if state and all(k.startswith("_orig_mod.") for k in state):
         state = {k[len("_orig_mod."):]: v for k, v in state.items()}
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]!r}); the run that "
+                         f"wrote it diverged: use an earlier checkpoint")
     try:
         G = Generator(generator_config(cfg))
-        G.load_state_dict(state)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{path}: weights do not fit the stored generator config: {exc}") from exc
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}: unusable generator config ({str(exc).splitlines()[0][:200]})") from exc
+    expected = G.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit the stored generator config: {len(missing)} missing "
+                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}) of "
+                         f"{len(state)} keys")
+    wrong = [k for k in expected if not torch.is_tensor(state[k]) or state[k].shape != expected[k].shape]
+    if wrong:
+        k = wrong[0]
+        got = tuple(state[k].shape) if torch.is_tensor(state[k]) else type(state[k]).__name__
+        raise ValueError(f"{path}: weights do not fit the stored generator config: {len(wrong)} tensor(s) of the "
+                         f"wrong shape, e.g. {k!r} is {got}, expected {tuple(expected[k].shape)}")
+    G.load_state_dict(state)
     return G.to(device).eval().requires_grad_(False)
 
 
@@ -90,21 +100,25 @@ def _tile_spans(size: int, tile: int, pad: int) -> list[tuple[int, int, int, int
     return [(s, min(s + tile, size), max(s - pad, 0), min(s + tile + pad, size)) for s in range(0, size, tile)]
 
 
-def upscale_tensor(G: "Generator", lr: "torch.Tensor", *, seed: int | None = None, noise_scale: float = 1.0,
-                   tile: int = 0, tile_pad: int | None = 16) -> "torch.Tensor":
-    """Run the generator on ``lr`` float (N,3,h,w) in [0,1]; returns (N,3,4h,4w), unclamped, no grad.
+def _check_finite(y: torch.Tensor, where: str) -> None:
+    import torch
 
-    ``tile`` > 0 processes ``tile``-pixel LR blocks with ``tile_pad`` pixels of
-    context (None: ``G.receptive_radius``, the smallest exact pad);
-    ``tile_pad < G.receptive_radius`` warns, since tiles are then no longer
-    exact (a model whose radius is None needs an explicit ``tile_pad``).
-    ``seed=None`` draws one seed from torch's global RNG so all tiles of the
-    call still share the same noise field.
+    if not torch.isfinite(y).all():
+        raise ValueError(f"the generator produced NaN or inf {where}; nothing was written (diverged weights or "
+                         f"a non-finite input)")
+
+
+def _tiles(G: Generator, lr: torch.Tensor, *, seed: int | None, noise_scale: float, tile: int,
+           tile_pad: int | None):
+    """Yield (top, left, y) with ``y`` the SR block whose top-left output pixel is (top, left); see upscale_tensor.
+
+    ``y`` is float (N,3,sh,sw) on ``lr``'s device, checked finite. The whole
+    image is one block when ``tile`` is 0 or covers it.
     """
     import torch
 
     if lr.ndim != 4 or lr.shape[1] != 3:
-        raise ValueError(f"upscale_tensor expects lr of shape (N,3,h,w), got {tuple(lr.shape)}")
+        raise ValueError(f"upscale expects lr of shape (N,3,h,w), got {tuple(lr.shape)}")
     # a published model may not know its radius (attention windows): its tiles are approximate by nature
     radius = None if G.receptive_radius is None else int(G.receptive_radius)
     if tile_pad is None and radius is None:
@@ -112,45 +126,96 @@ def upscale_tensor(G: "Generator", lr: "torch.Tensor", *, seed: int | None = Non
     tile_pad = radius if tile_pad is None else tile_pad
     if tile < 0 or tile_pad < 0:
         raise ValueError(f"tile and tile_pad must be >= 0, got tile={tile}, tile_pad={tile_pad}")
+    h, w = lr.shape[-2:]
     with torch.no_grad():
-        h, w = lr.shape[-2:]
         if tile == 0 or (tile >= h and tile >= w):
-            return G(lr, seed=seed, noise_scale=noise_scale)
+            y = G(lr, seed=seed, noise_scale=noise_scale)
+            _check_finite(y, "for the image")
+            yield 0, 0, y
+            return
         if radius is not None and tile_pad < radius:
             warnings.warn(f"tile_pad={tile_pad} is below the generator's receptive radius ({radius} LR pixels): "
-                          "tile seams will differ from the whole-image result", stacklevel=2)
+                          "tile seams will differ from the whole-image result", stacklevel=3)
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        out = None
         for top, bottom, ctop, cbottom in _tile_spans(h, tile, tile_pad):
             for left, right, cleft, cright in _tile_spans(w, tile, tile_pad):
                 y = G(lr[..., ctop:cbottom, cleft:cright], seed=seed, noise_scale=noise_scale, origin=(ctop, cleft))
                 s = y.shape[-1] // (cright - cleft)  # the generator's scale factor
-                if out is None:
-                    out = y.new_empty(lr.shape[0], y.shape[1], h * s, w * s)
-                out[..., top * s:bottom * s, left * s:right * s] = \
-                    y[..., (top - ctop) * s:(bottom - ctop) * s, (left - cleft) * s:(right - cleft) * s]
-        return out
+                y = y[..., (top - ctop) * s:(bottom - ctop) * s, (left - cleft) * s:(right - cleft) * s]
+                _check_finite(y, f"in the tile at LR ({top}, {left})")
+                yield top * s, left * s, y
 
 
-def upscale_image(G: "Generator", lr_uint8: np.ndarray, *, seed: int | None, noise_scale: float, tile: int,
+def upscale_tensor(G: Generator, lr: torch.Tensor, *, seed: int | None = None, noise_scale: float = 1.0,
+                   tile: int = 0, tile_pad: int | None = 16) -> torch.Tensor:
+    """Run the generator on ``lr`` float (N,3,h,w) in [0,1]; returns (N,3,4h,4w) float, unclamped, no grad.
+
+    ``tile`` > 0 processes ``tile``-pixel LR blocks with ``tile_pad`` pixels of
+    context (None: ``G.receptive_radius``, the smallest exact pad);
+    ``tile_pad < G.receptive_radius`` warns, since tiles are then no longer
+    exact (a model whose radius is None needs an explicit ``tile_pad``).
+    ``seed=None`` draws one seed from torch's global RNG so all tiles of the
+    call still share the same noise field. The result is stitched on
+    ``lr``'s device; :func:`upscale_image` stitches into a host buffer instead.
+    Raises ValueError when any output value is NaN or inf.
+    """
+    out = None
+    for top, left, y in _tiles(G, lr, seed=seed, noise_scale=noise_scale, tile=tile, tile_pad=tile_pad):
+        if top == 0 and left == 0 and y.shape[-2:] == (lr.shape[-2] * SCALE, lr.shape[-1] * SCALE):
+            return y
+        if out is None:
+            out = y.new_empty(lr.shape[0], y.shape[1], lr.shape[-2] * SCALE, lr.shape[-1] * SCALE)
+        out[..., top:top + y.shape[-2], left:left + y.shape[-1]] = y
+    return out
+
+
+def upscale_image(G: Generator, lr_image: np.ndarray, *, seed: int | None, noise_scale: float, tile: int,
                   tile_pad: int | None, device: str, half: bool = False) -> np.ndarray:
-    """Upscale a uint8 HxWx3 RGB image; returns uint8 (4H)x(4W)x3 (clamped to [0,1], x255, rounded half-to-even).
+    """Upscale a uint8 or uint16 HxWx3 RGB image; returns (4H)x(4W)x3 of the same dtype.
 
-    ``G`` must already live on ``device``. ``half=True`` runs under float16
-    autocast and needs a CUDA device.
+    The network runs in float on values scaled to [0, 1] (uint16 at full
+    precision); each output tile is clamped to [0, 1], scaled to the dtype's
+    range, rounded half-to-even and copied into a host buffer as it arrives,
+    so with ``tile`` > 0 memory beyond the output buffer grows with the tile,
+    not the image. ``G`` must already live on ``device``; ``half=True`` runs
+    under float16 autocast and needs a CUDA device. Raises ValueError for a
+    bad input or a non-finite output (nothing is returned).
     """
     import torch
 
-    if lr_uint8.dtype != np.uint8 or lr_uint8.ndim != 3 or lr_uint8.shape[2] != 3:
-        raise ValueError(f"expected a uint8 HxWx3 LR image, got {lr_uint8.dtype} {lr_uint8.shape}")
+    if lr_image.dtype not in (np.uint8, np.uint16) or lr_image.ndim != 3 or lr_image.shape[2] != 3:
+        raise ValueError(f"expected a uint8 or uint16 HxWx3 LR image, got {lr_image.dtype} {lr_image.shape}")
     if half and not str(device).startswith("cuda"):
         raise ValueError(f"half=True needs a CUDA device, got device={device!r}")
-    lr = torch.from_numpy(lr_uint8).to(device).permute(2, 0, 1)[None].float() / 255
+    if not math.isfinite(noise_scale):
+        raise ValueError(f"noise_scale must be a finite number, got {noise_scale}")
+    peak = float(np.iinfo(lr_image.dtype).max)
+    h, w = lr_image.shape[:2]
+    lr = torch.from_numpy(lr_image.astype(np.int32 if lr_image.dtype == np.uint16 else np.uint8))  # a copy
+    lr = lr.to(device).permute(2, 0, 1)[None].float().div_(peak)
+    out = np.empty((h * SCALE, w * SCALE, 3), dtype=lr_image.dtype)
     with torch.autocast("cuda", dtype=torch.float16) if half else contextlib.nullcontext():
-        sr = upscale_tensor(G, lr, seed=seed, noise_scale=noise_scale, tile=tile, tile_pad=tile_pad)
-    sr = (sr.float().clamp_(0, 1) * 255).round_()
-    return sr[0].permute(1, 2, 0).to("cpu", torch.uint8).numpy()
+        for top, left, y in _tiles(G, lr, seed=seed, noise_scale=noise_scale, tile=tile, tile_pad=tile_pad):
+            block = y[0].float().clamp_(0, 1).mul_(peak).round_().permute(1, 2, 0)
+            block = block.to(torch.uint8) if peak == 255 else block.to(torch.int32)
+            out[top:top + block.shape[0], left:left + block.shape[1]] = block.cpu().numpy()
+            del y, block
+    return out
+
+
+def upscale_alpha(alpha: np.ndarray) -> np.ndarray:
+    """Upscale an HxW uint8/uint16 alpha channel x4 with MATLAB-exact bicubic; returns (4H)x(4W), same dtype.
+
+    The alpha channel is resized apart from the RGB and without noise, as
+    Real-ESRGAN's bicubic alpha upsampler does (transparency is a mask, not
+    texture). Values are clipped to the dtype's range and rounded half-to-even.
+    """
+    from srmap.degrade import imresize
+
+    peak = float(np.iinfo(alpha.dtype).max)
+    up = imresize(alpha.astype(np.float64) / peak, SCALE)
+    return np.round(np.clip(up, 0, 1) * peak).astype(alpha.dtype)
 
 
 def _input_files(inputs: Path) -> list[Path]:
@@ -171,10 +236,17 @@ def upscale_command(inputs: Path, out: Path, checkpoint: Path, *, samples: int =
                     half: bool = False) -> int:
     """What `srmap upscale` runs: upscale an image file or every image in a folder into the folder ``out``.
 
-    Sample k uses seed ``seed + k``. A file that cannot be read or upscaled
-    gets one line on stderr and is skipped; returns 0 when all succeeded,
-    1 when any file failed, 2 when nothing could start (bad checkpoint,
-    missing input, bad arguments).
+    Sample k uses seed ``seed + k``. Each input is read by
+    :func:`srmap.imageio.read_image` (EXIF orientation applied); 16-bit input
+    gives a 16-bit PNG, and an alpha channel is upscaled apart
+    (:func:`upscale_alpha`) and written back as RGBA. A file that cannot be
+    read or upscaled (including a NaN/inf output) gets one line on stderr and
+    nothing is written for it: its samples are renamed into place only when
+    all of them succeeded. Returns 0 when all files succeeded, 1 when any
+    failed, 2 when nothing could start (bad checkpoint, missing input, bad
+    arguments, ``samples`` > 1 for a deterministic published model).
+    ``checkpoint`` is anything :func:`srmap.baselines.load_sr_model` reads:
+    an SRMAP generator or training checkpoint, or a published x4 model.
     """
     import torch
     from tqdm import tqdm
@@ -183,12 +255,19 @@ def upscale_command(inputs: Path, out: Path, checkpoint: Path, *, samples: int =
     try:
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
+        if not math.isfinite(noise_scale):
+            raise ValueError(f"noise_scale must be a finite number, got {noise_scale}")
         if half and not str(device).startswith("cuda"):
             raise ValueError(f"--half needs a CUDA device, got device={device!r}")
         files = _input_files(inputs)
         if not files:
             raise FileNotFoundError(f"{inputs}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-        G = load_generator(checkpoint, device=device)
+        from srmap.baselines import load_sr_model
+
+        G = load_sr_model(checkpoint, device=device)
+        if samples > 1 and getattr(G, "deterministic", False):
+            raise ValueError(f"{checkpoint}: a deterministic {G.architecture} model gives one output per image; "
+                             f"--samples must be 1, got {samples}")
     except (FileNotFoundError, ValueError) as exc:
         print(f"srmap upscale: {exc}", file=sys.stderr)
         return 2
@@ -199,11 +278,16 @@ def upscale_command(inputs: Path, out: Path, checkpoint: Path, *, samples: int =
             if path.stem in seen:
                 raise ValueError(f"same output name as {seen[path.stem].name}; rename one of them")
             seen[path.stem] = path
-            lr = read_rgb(path)
-            for k, name in enumerate(output_names(path.stem, samples)):
-                sr = upscale_image(G, lr, seed=seed + k, noise_scale=noise_scale, tile=tile, tile_pad=tile_pad,
-                                   device=device, half=half)
-                write_png(out / name, sr)
+            img = read_image(path)
+            alpha = None if img.alpha is None else upscale_alpha(img.alpha)
+            with contextlib.ExitStack() as pending:  # every sample's file is renamed into place only at the end
+                for k, name in enumerate(output_names(path.stem, samples)):
+                    sr = upscale_image(G, img.rgb, seed=seed + k, noise_scale=noise_scale, tile=tile,
+                                       tile_pad=tile_pad, device=device, half=half)
+                    if alpha is not None:
+                        sr = np.concatenate([sr, alpha[:, :, None]], axis=2)
+                    save_png(pending.enter_context(atomic_path(out / name)), sr)
+                    del sr
         except (OSError, ValueError, torch.OutOfMemoryError) as exc:
             failed += 1
             msg = str(exc) if str(path) in str(exc) else f"{path}: {exc}"

@@ -21,7 +21,7 @@ from typing import Any, Collection, Mapping
 
 import numpy as np
 
-from srmap.inference import read_rgb
+from srmap.imageio import read_rgb8
 from srmap.utils import atomic_path, atomic_write_text
 
 HEADERS = ["LPIPS ↓", "LR-PSNR ↑", "diversity ↑", "PSNR ↑", "SSIM ↑"]
@@ -246,14 +246,14 @@ def figure2(info: Mapping, results_dir: Path, valid_dir: Path, hr_images: Mappin
     """Figure 2: LR | HR | L1 output | SRMAP output (sample 0) on one window; returns the chosen image stem."""
     plt = _plt()
     stem, top, left, size = pick_crop(hr_images, crop_size, seed)
-    lr = read_rgb(Path(valid_dir) / "lr" / f"{stem}.png")
+    lr = read_rgb8(Path(valid_dir) / "lr" / f"{stem}.png")
     s = size // SCALE
     lr_crop = lr[top // SCALE:top // SCALE + s, left // SCALE:left // SCALE + s]
     panels = [("Input LR (nearest x4)", np.repeat(np.repeat(lr_crop, SCALE, 0), SCALE, 1)),
               ("Ground-truth HR", hr_images[stem][top:top + size, left:left + size])]
     for title, slug in ((_method(info, L1_SLUG)["label"], L1_SLUG),
                         (f"{_method(info, SRMAP_SLUG)['label']}, sample 0", SRMAP_SLUG)):
-        sr = read_rgb(_sr_paths(results_dir, info, slug, stem)[0])
+        sr = read_rgb8(_sr_paths(results_dir, info, slug, stem)[0])
         panels.append((title, sr[top:top + size, left:left + size]))
     fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
     for ax, (title, img) in zip(axes, panels):
@@ -275,7 +275,7 @@ def figure3(info: Mapping, results_dir: Path, hr: np.ndarray, stem: str, out: Pa
     """Figure 3: the HR image next to the per-pixel std across the SRMAP samples (brighter = more difference)."""
     plt = _plt()
     paths = _sr_paths(results_dir, info, SRMAP_SLUG, stem)
-    samples = [read_rgb(p) for p in paths]
+    samples = [read_rgb8(p) for p in paths]
     h = min([hr.shape[0]] + [s.shape[0] for s in samples])
     w = min([hr.shape[1]] + [s.shape[1] for s in samples])
     std = stochasticity_map([s[:h, :w] for s in samples])
@@ -474,7 +474,7 @@ def build_report(*, results: dict, results_dir: Path, valid_dir: Path, loss_csvs
     hr_files = sorted(hr_dir.glob("*.png"))
     if not hr_files:
         raise FileNotFoundError(f"{hr_dir}: no HR .png images for the figures")
-    hr_images = {p.stem: read_rgb(p) for p in hr_files}
+    hr_images = {p.stem: read_rgb8(p) for p in hr_files}
     figures = {"fig2": out_dir / "fig2.png", "fig3": out_dir / "fig3.png", "fig4": out_dir / "fig4.png"}
     stem = figure2(figure_info, results_dir, valid_dir, hr_images, crop_size, seed, figures["fig2"])
     figure3(figure_info, results_dir, hr_images[stem], stem, figures["fig3"])

@@ -1,8 +1,10 @@
 """Training: L1 pretraining of the generator, then MAP-GAN training (report, Method).
 
-One explicit loop per stage (:func:`pretrain`, :func:`train_gan`); their
-keyword arguments are the keys of the ``pretrain`` / ``train_gan`` sections of
-params.yaml. Both stages
+One explicit loop per stage (:func:`pretrain`, :func:`train_gan`), each taking
+its options record (:class:`~srmap.options.PretrainOptions` /
+:class:`~srmap.options.GanOptions`: the ``pretrain`` / ``train_gan`` sections of
+params.yaml). Resume, checkpoints and logging are written once, in
+:class:`_Tail`; the step bodies stay in the loops. Both stages
 
 * resume automatically from ``out_dir/checkpoint.pt`` (models, optimisers,
   schedulers, AMP scaler, step, every RNG state of every rank), bit-exactly on
@@ -36,7 +38,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +48,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from srmap.checkpoint import load_checkpoint, save_checkpoint, save_generator
 from srmap.losses import critic_adv_loss, fidelity_loss, generator_adv_loss, l1_loss, r1_penalty
+from srmap.options import GanOptions, PretrainOptions
 from srmap.utils import atomic_path, atomic_write_json, atomic_write_text, import_closure, sha256_file
 
 CHECKPOINT_FORMAT = "srmap-train/1"
@@ -338,25 +341,6 @@ def _critic_config(critic_cfg: Any):
     return critic_cfg if isinstance(critic_cfg, CriticConfig) else critic_config(critic_cfg)
 
 
-def _check_common(cfg: Mapping[str, Any]) -> None:
-    """One clear error for each out-of-range training parameter."""
-    positive = ("batch_size", "lr_patch", "epochs", "iters_per_epoch", "ckpt_every", "log_every", "max_bad_steps")
-    for key in positive + (("image_every",) if "image_every" in cfg else ()):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{key}: expected a positive integer, got {v!r}")
-    if not isinstance(cfg["workers"], int) or cfg["workers"] < 0:
-        raise ValueError(f"workers: expected an integer >= 0, got {cfg['workers']!r}")
-    betas = cfg["betas"]
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}")
-    for m in cfg["milestones"]:
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"milestones: expected positive epoch numbers, got {cfg['milestones']!r}")
-    if not cfg["lr_gamma"] > 0:
-        raise ValueError(f"lr_gamma: expected a number > 0, got {cfg['lr_gamma']!r}")
-
-
 # ---------------------------------------------------------------------------
 # Logging: CSV, window means, progress
 # ---------------------------------------------------------------------------
@@ -494,7 +478,7 @@ class BadStepCounter:
         self.consecutive += 1
         self.total += 1
         warnings.warn(f"{self.stage}: non-finite loss or gradient at step {step}; update skipped "
-                      f"({self.consecutive}/{self.limit} in a row)", RuntimeWarning, stacklevel=2)
+                      f"({self.consecutive}/{self.limit} in a row)", RuntimeWarning, stacklevel=3)
         if self.consecutive >= self.limit:
             raise NonFiniteLossError(
                 f"{self.stage}: {self.consecutive} consecutive steps with non-finite loss or gradient "
@@ -608,6 +592,12 @@ def _begin(stage: str, out_dir: Any, resolved: dict, *, seed: int, channels_last
                 _warn(info, f"{ckpt_path} was written with a different config (differs in: {', '.join(diff)}); "
                             f"NOT resuming, training {stage} from scratch")
                 ckpt = None
+            elif ckpt.get("finished") and int(ckpt["step"]) == total:
+                # DVC/Snakemake re-run a finished stage only when forced (`dvc repro -f`), when an output is
+                # missing or when a dependency outside the resume guard changed: its outputs must be made anew.
+                _warn(info, f"{ckpt_path} is a finished run ({total} steps) and the stage was run again "
+                            f"(forced, or its outputs were removed): training {stage} from scratch")
+                ckpt = None
     _seed_all(seed)  # model initialisation is identical on every rank
     if dev.type == "cuda":
         # Fixed patch shapes: let cuDNN pick the fastest kernels once.
@@ -641,24 +631,6 @@ def _restore_rng(s: _Setup, seed: int) -> None:
         _warn(s.info, f"{s.ckpt_path} was written by {len(states)} process(es), this run has {s.info.world}: "
                       f"resuming with re-seeded noise (results will differ from an uninterrupted run)")
         _seed_all(seed + int(s.ckpt["step"]), s.info.rank + 1)
-
-
-def _conclude(s: _Setup, stage: str, step: int, checkpoint: Callable[[int], None], G: nn.Module, gen_cfg: Any,
-              seed: int, tracker) -> Path:
-    """End a stage: the checkpoint path when stopped early, else write (rank 0) and return generator.pt."""
-    if step < s.total:
-        if s.ckpt is None and step == 0:
-            checkpoint(step)  # stop_after=0: the caller still gets a checkpoint
-        _finish(s.info)
-        return s.ckpt_path
-    gen_path = s.out_dir / "generator.pt"
-    if s.info.main:
-        save_generator(gen_path, G, gen_cfg, {"stage": stage, "steps": s.total, "seed": seed,
-                                              "train_config": s.resolved, "torch": str(torch.__version__)})
-        if tracker is not None:
-            tracker.log_artifact(gen_path)
-    _finish(s.info)
-    return gen_path
 
 
 def _clear_monitor(folder: Path, after_step: int) -> None:
@@ -695,93 +667,193 @@ def _epoch_of(step: int, iters_per_epoch: int) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Stage 1: L1 pretraining
+# The shared tail: resume, checkpoint, logging, the end of a stage
 # ---------------------------------------------------------------------------
 
 
-def pretrain(*, data_dir, out_dir, gen_cfg, seed: int, batch_size: int, lr_patch: int, lr: float, betas,
-             epochs: int, iters_per_epoch: int, milestones, lr_gamma: float, ckpt_every: int, log_every: int,
-             workers: int, max_bad_steps: int, amp: bool, channels_last: bool, compile: bool, noise: bool = True,
-             device: str | None = None, tracker=None, stop_after: int | None = None) -> Path:
-    """Pretrain the generator with L1(G(y), x) (report Eq. 3); resumes from out_dir/checkpoint.pt.
+class _Tail:
+    """Everything around a step, written once for both stages (NVlabs/edm ``training_loop.py``).
 
-    ``data_dir`` holds hr/*.npy and lr/*.npy; ``gen_cfg`` is a GeneratorConfig
-    or its params mapping; the other keywords are params.yaml's ``pretrain``
-    keys. ``noise=False`` trains with every noise scale frozen at its initial
-    value (0) and no noise drawn. Writes checkpoint.pt, generator.pt, losses.csv and
-    training_options.json under ``out_dir``. Returns out_dir/generator.pt, or
-    out_dir/checkpoint.pt when ``stop_after`` ended the run early.
-    Raises NonFiniteLossError after ``max_bad_steps`` consecutive bad steps.
+    A loop builds its networks, optimisers and schedulers and hands them here
+    by name (``"G"``, ``"G_ema"``, ``"D"``). The constructor restores them,
+    the AMP scaler, the log window and every rank's RNG from ``s.ckpt`` (or
+    seeds the training stream for a fresh start); :meth:`step_done` keeps the
+    window means, the NaN guard, losses.csv, MLflow, the progress display and
+    the checkpoints; :meth:`finish` writes generator.pt. The step bodies stay in
+    the loops. Every MLflow call of training is in :meth:`track_metrics` and
+    :meth:`track_artifact` (rank 0 only).
     """
-    from srmap.nets import Generator
 
-    gen_cfg = _gen_config(gen_cfg)
-    data_dir = Path(data_dir).resolve()
-    cfg = {"seed": seed, "batch_size": batch_size, "lr_patch": lr_patch, "lr": lr, "betas": list(betas),
-           "epochs": epochs, "iters_per_epoch": iters_per_epoch, "milestones": list(milestones),
-           "lr_gamma": lr_gamma, "ckpt_every": ckpt_every, "log_every": log_every, "workers": workers,
-           "max_bad_steps": max_bad_steps, "amp": amp, "channels_last": channels_last, "compile": compile,
-           "noise": noise}
-    _check_common(cfg)
-    if not isinstance(noise, bool):
-        raise ValueError(f"noise: expected on/off (true/false), got {noise!r}")
-    resolved = _plain({"stage": "pretrain", **cfg, "gen_cfg": gen_cfg, "data_dir": data_dir,
-                       "data_fingerprint": data_fingerprint(data_dir), "code_sha256": code_fingerprint()})
-    total = epochs * iters_per_epoch
-    s = _begin("pretrain", out_dir, resolved, seed=seed, channels_last=channels_last, device=device, total=total)
-    G = _prepare(Generator(gen_cfg), s.device, s.channels_last).train()
-    if not noise:  # frozen scales get no gradient, so Adam never moves them
-        for inj in G.injectors():
-            inj.scale.requires_grad_(False)
-    noise_scale = 1.0 if noise else 0.0
-    opt = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=lr, betas=tuple(betas))
-    sched = _scheduler(opt, milestones, iters_per_epoch, lr_gamma)
-    # bf16 autocast needs no loss scaling; the scaler is kept (disabled) so
-    # checkpoints have one format whatever the precision.
-    scaler = torch.amp.GradScaler(s.device.type, enabled=False)
-    meter = WindowMeter()
-    start, skipped_total = 0, 0
-    if s.ckpt is not None:
-        G.load_state_dict(s.ckpt["G"])
-        opt.load_state_dict(s.ckpt["optimizers"]["G"])
-        sched.load_state_dict(s.ckpt["schedulers"]["G"])
-        scaler.load_state_dict(s.ckpt["scaler"])
-        meter.load_state_dict(s.ckpt["log_window"])
-        start, skipped_total = int(s.ckpt["step"]), int(s.ckpt["skipped_total"])
-        _sync_lr(sched)
-    _restore_rng(s, seed)
-    G_run = _wrap_ddp(G, s.info, s.device)
-    if compile and s.cuda:
-        G_run = torch.compile(G_run)
-    bad = BadStepCounter(max_bad_steps, "pretrain", s.ckpt_path, skipped_total)
-    log = LossLog(s.out_dir / "losses.csv", PRETRAIN_COLUMNS, s.ckpt["log_rows"] if s.ckpt else [], s.info.main)
-    progress = Progress("pretrain", total, start, s.info.main)
-    loader = _loader(data_dir, lr_patch=lr_patch, seed=seed, total_steps=total, batch_size=batch_size,
-                     start_step=start, end_step=total if stop_after is None else stop_after,
-                     info=s.info, groups=1, workers=workers, device=s.device)
-    params = [p for p in G.parameters() if p.requires_grad]
+    def __init__(self, s: _Setup, stage: str, opts: PretrainOptions | GanOptions, *, nets: Mapping[str, nn.Module],
+                 optimizers: Mapping[str, torch.optim.Optimizer],
+                 schedulers: Mapping[str, torch.optim.lr_scheduler.LambdaLR], scaler: torch.amp.GradScaler,
+                 configs: Mapping[str, Any], columns: Sequence[str], shown: Sequence[str], tracker,
+                 stop_after: int | None):
+        self.s, self.stage, self.opts, self.tracker, self.stop_after = s, stage, opts, tracker, stop_after
+        self.nets, self.optimizers, self.schedulers, self.scaler = nets, optimizers, schedulers, scaler
+        self.configs, self.shown = configs, tuple(shown)
+        self.meter = WindowMeter()
+        self.start, skipped_total = 0, 0
+        if s.ckpt is not None:
+            for name, net in nets.items():
+                net.load_state_dict(s.ckpt[name])
+            for name, opt in optimizers.items():
+                opt.load_state_dict(s.ckpt["optimizers"][name])
+            for name, sched in schedulers.items():
+                sched.load_state_dict(s.ckpt["schedulers"][name])
+                _sync_lr(sched)
+            scaler.load_state_dict(s.ckpt["scaler"])
+            self.meter.load_state_dict(s.ckpt["log_window"])
+            self.start, skipped_total = int(s.ckpt["step"]), int(s.ckpt["skipped_total"])
+        _restore_rng(s, opts.seed)
+        self.bad = BadStepCounter(opts.max_bad_steps, stage, s.ckpt_path, skipped_total)
+        self.log = LossLog(s.out_dir / "losses.csv", columns, s.ckpt["log_rows"] if s.ckpt else [], s.info.main)
+        self.progress = Progress(stage, s.total, self.start, s.info.main)
 
-    def checkpoint(step: int) -> None:
-        if not _weights_finite(G):
-            raise NonFiniteLossError(f"pretrain: generator weights are not finite at step {step}; "
+    def loader(self, data_dir: Path, groups: int) -> DataLoader:
+        """The batches of the steps this run still has to make (up to ``stop_after``)."""
+        o, s = self.opts, self.s
+        return _loader(data_dir, lr_patch=o.lr_patch, seed=o.seed, total_steps=s.total, batch_size=o.batch_size,
+                       start_step=self.start, end_step=s.total if self.stop_after is None else self.stop_after,
+                       info=s.info, groups=groups, workers=o.workers, device=s.device)
+
+    def step_done(self, step: int, values: Mapping[str, float], skipped: bool, lrs: Mapping[str, float]) -> None:
+        """After 1-based ``step``: add its rank-mean ``values`` to the window, count a skip (may raise
+        NonFiniteLossError), write a log row every ``log_every`` steps (``lrs``: the learning rates the
+        step used) and a checkpoint every ``ckpt_every`` steps, at the end and at ``stop_after``."""
+        self.meter.add(values, skipped)
+        self.progress.step()
+        self.bad.update(skipped, step)
+        if step % self.opts.log_every == 0:
+            self._log_row(step, lrs)
+        if step < self.s.total and (step % self.opts.ckpt_every == 0 or step == self.stop_after):
+            self.checkpoint(step)  # the last one: finish(), once generator.pt exists
+
+    def _log_row(self, step: int, lrs: Mapping[str, float]) -> None:
+        m = self.meter.means()
+        row = {"step": step, "epoch": _epoch_of(step, self.opts.iters_per_epoch),
+               **{k: v for k, v in m.items() if k in self.log.columns}, **lrs, "skipped": self.meter.skipped,
+               **_noise_row(self.nets["G"])}
+        self.log.append(row)
+        self.progress.report(step, row["epoch"], {k: row[k] for k in self.shown})
+        sps = self.meter.seconds_per_step()
+        self.track_metrics({**{k: v for k, v in row.items() if k not in ("step", "epoch")},
+                            **{k: v for k, v in m.items() if k not in row},  # gradient norms
+                            "skipped_total": self.bad.total, "step_time_s": sps,
+                            "patches_per_s": self.opts.batch_size / sps}, step)
+        self.meter.reset()
+
+    def track_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log scalars at ``step`` to MLflow (rank 0, when a tracker is given)."""
+        if self.tracker is not None and self.s.info.main:
+            self.tracker.log_metrics(metrics, step)
+
+    def track_artifact(self, path: Path, folder: str | None = None) -> None:
+        """Upload a written file to MLflow (rank 0, when a tracker is given)."""
+        if self.tracker is not None and self.s.info.main:
+            self.tracker.log_artifact(path, folder)
+
+    def checkpoint(self, step: int, finished: bool = False) -> None:
+        """Write checkpoint.pt at ``step`` from rank 0 (every rank joins the RNG gather).
+
+        ``finished`` marks the run complete (only after generator.pt is written): a rerun
+        of the stage on a finished checkpoint retrains instead of resuming it.
+
+        Raises NonFiniteLossError instead when a weight is not finite, so the last
+        good checkpoint is never overwritten.
+        """
+        s = self.s
+        if not _weights_finite(*self.nets.values()):
+            raise NonFiniteLossError(f"{self.stage}: weights are not finite at step {step}; "
                                      f"the last good checkpoint {s.ckpt_path} is intact")
         rng = _gather_rng(s.device, s.info)
         if s.info.main:
             save_checkpoint(s.ckpt_path, {
-                "format": CHECKPOINT_FORMAT, "stage": "pretrain", "config": s.resolved, "step": step,
-                "epoch": _epoch_of(step, iters_per_epoch) if step else 0, "world_size": s.info.world,
-                "gen_config": dataclasses.asdict(gen_cfg), "G": G.state_dict(),
-                "optimizers": {"G": opt.state_dict()}, "schedulers": {"G": sched.state_dict()},
-                "scaler": scaler.state_dict(), "rng": rng, "skipped_total": bad.total,
-                "log_window": meter.state_dict(), "log_rows": log.rows,
-                "data": {"seed": seed, "batch_size": batch_size, "next_step": step}})
+                "format": CHECKPOINT_FORMAT, "stage": self.stage, "config": s.resolved, "step": step,
+                "finished": finished, "epoch": _epoch_of(step, self.opts.iters_per_epoch) if step else 0,
+                "world_size": s.info.world,
+                **self.configs, **{name: net.state_dict() for name, net in self.nets.items()},
+                "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+                "schedulers": {name: sched.state_dict() for name, sched in self.schedulers.items()},
+                "scaler": self.scaler.state_dict(), "rng": rng, "skipped_total": self.bad.total,
+                "log_window": self.meter.state_dict(), "log_rows": self.log.rows,
+                "data": {"seed": self.opts.seed, "batch_size": self.opts.batch_size, "next_step": step}})
 
-    step = start
+    def finish(self, step: int, G: nn.Module, gen_cfg: Any) -> Path:
+        """End the stage after ``step``: checkpoint.pt's path when stopped early, else write (rank 0) and
+        return generator.pt holding ``G``. Every rank returns once rank 0 has written."""
+        s = self.s
+        self.progress.close()
+        if step < s.total:
+            if s.ckpt is None and step == 0:
+                self.checkpoint(step)  # stop_after=0: the caller still gets a checkpoint
+            _finish(s.info)
+            return s.ckpt_path
+        gen_path = s.out_dir / "generator.pt"
+        if s.info.main:
+            save_generator(gen_path, G, gen_cfg, {"stage": self.stage, "steps": s.total, "seed": self.opts.seed,
+                                                  "train_config": s.resolved, "torch": str(torch.__version__)})
+        # Marked finished only once generator.pt exists: a run killed before that resumes instead of retraining.
+        self.checkpoint(step, finished=True)
+        self.track_artifact(gen_path)
+        _finish(s.info)
+        return gen_path
+
+
+# ---------------------------------------------------------------------------
+# Stage 1: L1 pretraining
+# ---------------------------------------------------------------------------
+
+
+def pretrain(opts: PretrainOptions, *, data_dir, out_dir, gen_cfg, device: str | None = None, tracker=None,
+             stop_after: int | None = None) -> Path:
+    """Pretrain the generator with L1(G(y), x) (report Eq. 3); resumes from out_dir/checkpoint.pt.
+
+    ``opts`` is params.yaml's ``pretrain`` section; ``data_dir`` holds hr/*.npy
+    and lr/*.npy; ``gen_cfg`` is a GeneratorConfig or its params mapping.
+    ``opts.noise=False`` trains with every noise scale frozen at its initial
+    value (0) and no noise drawn. Writes checkpoint.pt, generator.pt,
+    losses.csv and training_options.json under ``out_dir``. Returns
+    out_dir/generator.pt, or out_dir/checkpoint.pt when ``stop_after`` ended
+    the run early. Raises NonFiniteLossError after ``max_bad_steps``
+    consecutive bad steps, TypeError when ``opts`` is not a PretrainOptions.
+    """
+    from srmap.nets import Generator
+
+    if not isinstance(opts, PretrainOptions):
+        raise TypeError(f"pretrain: expected PretrainOptions, got {type(opts).__name__}")
+    gen_cfg = _gen_config(gen_cfg)
+    data_dir = Path(data_dir).resolve()
+    resolved = _plain({"stage": "pretrain", **dataclasses.asdict(opts), "gen_cfg": gen_cfg, "data_dir": data_dir,
+                       "data_fingerprint": data_fingerprint(data_dir), "code_sha256": code_fingerprint()})
+    total = opts.epochs * opts.iters_per_epoch
+    s = _begin("pretrain", out_dir, resolved, seed=opts.seed, channels_last=opts.channels_last, device=device,
+               total=total)
+    G = _prepare(Generator(gen_cfg), s.device, s.channels_last).train()
+    if not opts.noise:  # frozen scales get no gradient, so Adam never moves them
+        for inj in G.injectors():
+            inj.scale.requires_grad_(False)
+    noise_scale = 1.0 if opts.noise else 0.0
+    params = [p for p in G.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=opts.lr, betas=opts.betas)
+    sched = _scheduler(opt, opts.milestones, opts.iters_per_epoch, opts.lr_gamma)
+    # bf16 autocast needs no loss scaling; the scaler is kept (disabled) so
+    # checkpoints have one format whatever the precision.
+    scaler = torch.amp.GradScaler(s.device.type, enabled=False)
+    tail = _Tail(s, "pretrain", opts, nets={"G": G}, optimizers={"G": opt}, schedulers={"G": sched}, scaler=scaler,
+                 configs={"gen_config": dataclasses.asdict(gen_cfg)}, columns=PRETRAIN_COLUMNS, shown=("l1", "lr"),
+                 tracker=tracker, stop_after=stop_after)
+    G_run = _wrap_ddp(G, s.info, s.device)
+    if opts.compile and s.cuda:
+        G_run = torch.compile(G_run)
+    loader = tail.loader(data_dir, groups=1)
+
+    step = tail.start
     for lr_u8, hr_u8 in loader:
         y = _to_float(lr_u8, s.device, s.channels_last)  # (n,3,p,p)
         x = _to_float(hr_u8, s.device, s.channels_last)  # (n,3,4p,4p)
-        rngs = noise_rngs(seed, loader.batch_sampler.indices(step), s.device) if noise else None
-        with _autocast(s.device, amp):
+        rngs = noise_rngs(opts.seed, loader.batch_sampler.indices(step), s.device) if opts.noise else None
+        with _autocast(s.device, opts.amp):
             sr = G_run(y, noise_scale=noise_scale, rngs=rngs)  # (n,3,4p,4p)
         loss = l1_loss(sr, x)  # float32, outside autocast
         opt.zero_grad(set_to_none=True)
@@ -796,26 +868,8 @@ def pretrain(*, data_dir, out_dir, gen_cfg, seed: int, batch_size: int, lr_patch
         scaler.update()
         sched.step()
         step += 1
-        meter.add({"l1": l1_v, "grad_norm": gnorm_v}, skip)
-        progress.step()
-        bad.update(skip, step)
-        if step % log_every == 0:
-            means = meter.means()
-            row = {"step": step, "epoch": _epoch_of(step, iters_per_epoch), "l1": means["l1"], "lr": lr_now,
-                   "skipped": meter.skipped, **_noise_row(G)}
-            log.append(row)
-            progress.report(step, row["epoch"], {"l1": means["l1"], "lr": lr_now})
-            if tracker is not None and s.info.main:
-                sps = meter.seconds_per_step()
-                tracker.log_metrics({"l1": means["l1"], "lr": lr_now, "grad_norm": means["grad_norm"],
-                                     **{k: row[k] for k in NOISE_COLUMNS},
-                                     "skipped": meter.skipped, "skipped_total": bad.total,
-                                     "step_time_s": sps, "patches_per_s": batch_size / sps}, step)
-            meter.reset()
-        if step % ckpt_every == 0 or step == total or step == stop_after:
-            checkpoint(step)
-    progress.close()
-    return _conclude(s, "pretrain", step, checkpoint, G, gen_cfg, seed, tracker)
+        tail.step_done(step, {"l1": l1_v, "grad_norm": gnorm_v}, skip, {"lr": lr_now})
+    return tail.finish(step, G, gen_cfg)
 
 
 # ---------------------------------------------------------------------------
@@ -823,130 +877,85 @@ def pretrain(*, data_dir, out_dir, gen_cfg, seed: int, batch_size: int, lr_patch
 # ---------------------------------------------------------------------------
 
 
-def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: int, batch_size: int, lr_patch: int,
-              lr_g: float, lr_d: float, betas, alpha: float, r1_gamma: float, adv_loss: str, epochs: int,
-              iters_per_epoch: int, milestones, lr_gamma: float, image_every: int, ckpt_every: int, log_every: int,
-              workers: int, max_bad_steps: int, amp: bool, channels_last: bool, compile: bool,
-              ema_beta: float = 0.999, noise_init: float | None = None,
-              device: str | None = None, tracker=None, stop_after: int | None = None) -> Path:
+def train_gan(opts: GanOptions, *, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, device: str | None = None,
+              tracker=None, stop_after: int | None = None) -> Path:
     """Train G with alpha*L_fid + L_adv against a relativistic critic with R1 (report Eqs. 4-7).
 
-    G starts from ``init_generator`` (a pretrain generator.pt, whose config
-    must equal ``gen_cfg``), its noise scales set to ``noise_init`` unless it
-    is None; the critic starts fresh. As in the authors' trainer, each global
-    batch of ``batch_size`` is split in two halves: the first half's HR
-    patches and the fakes made from its own LR patches train the critic (with
-    R1 on those HR patches); then the second half trains G (fidelity on its LR,
-    fake i paired with its own HR patch i). ``alpha`` and ``r1_gamma`` are in
-    our [0,1] image units (docs/training.md converts the authors' 0-255 ones).
-    After every step the EMA of G (``ema_beta``) is updated; it is what
+    ``opts`` is params.yaml's ``train_gan`` section. G starts from
+    ``init_generator`` (a pretrain generator.pt, whose config must equal
+    ``gen_cfg``), its noise scales set to ``opts.noise_init`` unless it is
+    None; the critic (``critic_cfg``: a CriticConfig or its params mapping)
+    starts fresh. As in the authors' trainer, each global batch of
+    ``batch_size`` is split in two halves: the first half's HR patches and the
+    fakes made from its own LR patches train the critic (with R1 on those HR
+    patches); then the second half trains G (fidelity on its LR, fake i paired
+    with its own HR patch i). ``alpha`` and ``r1_gamma`` are in our [0,1]
+    image units (docs/training.md converts the authors' 0-255 ones). After
+    every step the EMA of G (``ema_beta``) is updated; it is what
     generator.pt, the monitor grids and evaluation use. Writes checkpoint.pt
     (raw G, G_ema, critic, optimisers, ...), generator.pt (G_ema), losses.csv,
     training_options.json and monitor/step_*.png under ``out_dir``. Returns
     out_dir/generator.pt, or out_dir/checkpoint.pt when ``stop_after`` ended
     the run early. Raises NonFiniteLossError after ``max_bad_steps``
-    consecutive bad steps.
+    consecutive bad steps; ValueError when the critic's input size is not
+    4 x lr_patch or init_generator's config differs from ``gen_cfg``;
+    FileNotFoundError when init_generator is missing; TypeError when ``opts``
+    is not a GanOptions.
     """
     import copy
 
     from srmap.inference import load_generator
     from srmap.nets import Critic
 
+    if not isinstance(opts, GanOptions):
+        raise TypeError(f"train_gan: expected GanOptions, got {type(opts).__name__}")
     gen_cfg, critic_cfg = _gen_config(gen_cfg), _critic_config(critic_cfg)
     data_dir, init_generator = Path(data_dir).resolve(), Path(init_generator).resolve()
-    cfg = {"seed": seed, "batch_size": batch_size, "lr_patch": lr_patch, "lr_g": lr_g, "lr_d": lr_d,
-           "betas": list(betas), "alpha": alpha, "r1_gamma": r1_gamma, "adv_loss": adv_loss, "epochs": epochs,
-           "iters_per_epoch": iters_per_epoch, "milestones": list(milestones), "lr_gamma": lr_gamma,
-           "image_every": image_every, "ckpt_every": ckpt_every, "log_every": log_every, "workers": workers,
-           "max_bad_steps": max_bad_steps, "amp": amp, "channels_last": channels_last, "compile": compile,
-           "ema_beta": ema_beta, "noise_init": noise_init}
-    _check_common(cfg)
-    if adv_loss not in ("softplus", "hinge"):
-        raise ValueError(f"adv_loss: expected 'softplus' or 'hinge', got {adv_loss!r}")
-    if batch_size % 2:
-        raise ValueError(f"batch_size: {batch_size} must be even (one half trains the critic, the other G)")
-    if not 0 <= ema_beta < 1:
-        raise ValueError(f"ema_beta: expected a number in [0, 1), got {ema_beta!r}")
-    if noise_init is not None and (isinstance(noise_init, bool) or not isinstance(noise_init, (int, float))
-                                   or not math.isfinite(noise_init)):
-        raise ValueError(f"noise_init: expected null (keep the pretrained scales) or a number, got {noise_init!r}")
-    if critic_cfg.in_size != SCALE * lr_patch:
+    if critic_cfg.in_size != SCALE * opts.lr_patch:
         raise ValueError(f"model.critic: in_size {critic_cfg.in_size} (basis_size x 2**stages) must equal "
-                         f"4 x lr_patch = {SCALE * lr_patch}")
+                         f"4 x lr_patch = {SCALE * opts.lr_patch}")
     if not init_generator.is_file():
         raise FileNotFoundError(f"init_generator {init_generator} does not exist (run the pretrain stage first)")
-    resolved = _plain({"stage": "train_gan", **cfg, "gen_cfg": gen_cfg, "critic_cfg": critic_cfg,
-                       "data_dir": data_dir, "data_fingerprint": data_fingerprint(data_dir),
+    resolved = _plain({"stage": "train_gan", **dataclasses.asdict(opts), "gen_cfg": gen_cfg,
+                       "critic_cfg": critic_cfg, "data_dir": data_dir, "data_fingerprint": data_fingerprint(data_dir),
                        "init_generator": init_generator, "init_generator_sha256": sha256_file(init_generator),
                        "code_sha256": code_fingerprint()})
-    total = epochs * iters_per_epoch
-    s = _begin("train_gan", out_dir, resolved, seed=seed, channels_last=channels_last, device=device, total=total)
+    total = opts.epochs * opts.iters_per_epoch
+    s = _begin("train_gan", out_dir, resolved, seed=opts.seed, channels_last=opts.channels_last, device=device,
+               total=total)
     G0 = load_generator(init_generator)
     if G0.cfg != gen_cfg:
         raise ValueError(f"init_generator {init_generator}: its generator config {dataclasses.asdict(G0.cfg)} "
                          f"differs from model.generator {dataclasses.asdict(gen_cfg)}")
-    if noise_init is not None:
-        G0.set_noise_scales(noise_init)
+    if opts.noise_init is not None:
+        G0.set_noise_scales(opts.noise_init)
     G = _prepare(G0.requires_grad_(True), s.device, s.channels_last).train()
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     D = _prepare(Critic(critic_cfg), s.device, s.channels_last).train()
-    opt_g = torch.optim.Adam(G.parameters(), lr=lr_g, betas=tuple(betas))
-    opt_d = torch.optim.Adam(D.parameters(), lr=lr_d, betas=tuple(betas))
-    sched_g = _scheduler(opt_g, milestones, iters_per_epoch, lr_gamma)
-    sched_d = _scheduler(opt_d, milestones, iters_per_epoch, lr_gamma)
+    opt_g = torch.optim.Adam(G.parameters(), lr=opts.lr_g, betas=opts.betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=opts.lr_d, betas=opts.betas)
+    sched_g = _scheduler(opt_g, opts.milestones, opts.iters_per_epoch, opts.lr_gamma)
+    sched_d = _scheduler(opt_d, opts.milestones, opts.iters_per_epoch, opts.lr_gamma)
     scaler = torch.amp.GradScaler(s.device.type, enabled=False)  # see pretrain
-    meter = WindowMeter()
-    start, skipped_total = 0, 0
-    if s.ckpt is not None:
-        G.load_state_dict(s.ckpt["G"])
-        G_ema.load_state_dict(s.ckpt["G_ema"])
-        D.load_state_dict(s.ckpt["D"])
-        opt_g.load_state_dict(s.ckpt["optimizers"]["G"])
-        opt_d.load_state_dict(s.ckpt["optimizers"]["D"])
-        sched_g.load_state_dict(s.ckpt["schedulers"]["G"])
-        sched_d.load_state_dict(s.ckpt["schedulers"]["D"])
-        scaler.load_state_dict(s.ckpt["scaler"])
-        meter.load_state_dict(s.ckpt["log_window"])
-        start, skipped_total = int(s.ckpt["step"]), int(s.ckpt["skipped_total"])
-        _sync_lr(sched_g)
-        _sync_lr(sched_d)
-    _restore_rng(s, seed)
+    tail = _Tail(s, "train_gan", opts, nets={"G": G, "G_ema": G_ema, "D": D},
+                 optimizers={"G": opt_g, "D": opt_d}, schedulers={"G": sched_g, "D": sched_d}, scaler=scaler,
+                 configs={"gen_config": dataclasses.asdict(gen_cfg), "critic_config": dataclasses.asdict(critic_cfg)},
+                 columns=GAN_COLUMNS, shown=("fidelity", "generator", "critic", "r1"), tracker=tracker,
+                 stop_after=stop_after)
     G_run = _wrap_ddp(G, s.info, s.device)
-    if compile and s.cuda:
+    if opts.compile and s.cuda:
         G_run = torch.compile(G_run)
     # The critic is never compiled: the R1 penalty needs a double backward,
     # which torch.compile does not support.
     D_run = _wrap_ddp(D, s.info, s.device)
-    bad = BadStepCounter(max_bad_steps, "train_gan", s.ckpt_path, skipped_total)
-    log = LossLog(s.out_dir / "losses.csv", GAN_COLUMNS, s.ckpt["log_rows"] if s.ckpt else [], s.info.main)
     monitor = s.out_dir / "monitor"
     if s.info.main:
-        _clear_monitor(monitor, start if s.ckpt else -1)
-    progress = Progress("train_gan", total, start, s.info.main)
-    loader = _loader(data_dir, lr_patch=lr_patch, seed=seed, total_steps=total, batch_size=batch_size,
-                     start_step=start, end_step=total if stop_after is None else stop_after,
-                     info=s.info, groups=2, workers=workers, device=s.device)
+        _clear_monitor(monitor, tail.start if s.ckpt else -1)
+    loader = tail.loader(data_dir, groups=2)
     params_g, params_d = list(G.parameters()), list(D.parameters())
-    half = batch_size // 2 // s.info.world  # patches per half per rank
+    half = opts.batch_size // 2 // s.info.world  # patches per half per rank
 
-    def checkpoint(step: int) -> None:
-        if not _weights_finite(G, G_ema, D):
-            raise NonFiniteLossError(f"train_gan: weights are not finite at step {step}; "
-                                     f"the last good checkpoint {s.ckpt_path} is intact")
-        rng = _gather_rng(s.device, s.info)
-        if s.info.main:
-            save_checkpoint(s.ckpt_path, {
-                "format": CHECKPOINT_FORMAT, "stage": "train_gan", "config": s.resolved, "step": step,
-                "epoch": _epoch_of(step, iters_per_epoch) if step else 0, "world_size": s.info.world,
-                "gen_config": dataclasses.asdict(gen_cfg), "critic_config": dataclasses.asdict(critic_cfg),
-                "G": G.state_dict(), "G_ema": G_ema.state_dict(), "D": D.state_dict(),
-                "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-                "schedulers": {"G": sched_g.state_dict(), "D": sched_d.state_dict()},
-                "scaler": scaler.state_dict(), "rng": rng, "skipped_total": bad.total,
-                "log_window": meter.state_dict(), "log_rows": log.rows,
-                "data": {"seed": seed, "batch_size": batch_size, "next_step": step}})
-
-    step = start
+    step = tail.start
     for lr_u8, hr_u8 in loader:
         y_d = _to_float(lr_u8[:half], s.device, s.channels_last)  # (h,3,p,p) critic half: LR -> fakes
         x_d = _to_float(hr_u8[:half], s.device, s.channels_last)  # (h,3,4p,4p) critic half: reals
@@ -956,15 +965,15 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
 
         # Critic step: reals of the critic half against fakes from that half's own LR; R1 on the reals.
         _requires_grad(D, True)
-        with torch.no_grad(), _autocast(s.device, amp):
-            fake_d = G_run(y_d, rngs=noise_rngs(seed, indices[:half], s.device))  # (h,3,4p,4p)
+        with torch.no_grad(), _autocast(s.device, opts.amp):
+            fake_d = G_run(y_d, rngs=noise_rngs(opts.seed, indices[:half], s.device))  # (h,3,4p,4p)
         x_in = x_d.detach().requires_grad_(True)
-        with _autocast(s.device, amp):
+        with _autocast(s.device, opts.amp):
             c_real = D_run(x_in)  # (h,) float32 (the head runs in float32)
             c_fake = D_run(fake_d)  # (h,)
-        adv_d = critic_adv_loss(c_real, c_fake, adv_loss)
+        adv_d = critic_adv_loss(c_real, c_fake, opts.adv_loss)
         r1 = r1_penalty(c_real, x_in)
-        loss_d = adv_d + 0.5 * r1_gamma * r1
+        loss_d = adv_d + 0.5 * opts.r1_gamma * r1
         opt_d.zero_grad(set_to_none=True)
         scaler.scale(loss_d).backward()
         scaler.unscale_(opt_d)
@@ -975,14 +984,14 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
 
         # Generator step against the updated critic; the critic is frozen so it gets no gradients.
         _requires_grad(D, False)
-        with _autocast(s.device, amp):
-            sr = G_run(y_g, rngs=noise_rngs(seed, indices[half:], s.device))  # (h,3,4p,4p)
+        with _autocast(s.device, opts.amp):
+            sr = G_run(y_g, rngs=noise_rngs(opts.seed, indices[half:], s.device))  # (h,3,4p,4p)
             c_fake = D(sr)  # (h,)
             with torch.no_grad():
                 c_real = D(x_g)  # (h,)
         fid = fidelity_loss(y_g, sr, border=FIDELITY_BORDER)  # float32, outside autocast
-        adv_g = generator_adv_loss(c_fake, c_real, adv_loss)
-        loss_g = alpha * fid + adv_g
+        adv_g = generator_adv_loss(c_fake, c_real, opts.adv_loss)
+        loss_g = opts.alpha * fid + adv_g
         opt_g.zero_grad(set_to_none=True)
         scaler.scale(loss_g).backward()
         scaler.unscale_(opt_g)
@@ -995,35 +1004,16 @@ def train_gan(*, data_dir, out_dir, init_generator, gen_cfg, critic_cfg, seed: i
         scaler.update()
         sched_g.step()
         sched_d.step()
-        ema_update(G_ema, G, ema_beta)
+        ema_update(G_ema, G, opts.ema_beta)
         step += 1
-        skip = bad_g > 0 or bad_d > 0
-        meter.add({"fidelity": fid_v, "generator": adv_g_v, "critic": adv_d_v, "r1": r1_v,
-                   "grad_norm_g": gnorm_g_v, "grad_norm_d": gnorm_d_v}, skip)
-        progress.step()
-        if step % image_every == 0 and s.info.main:
+
+        if step % opts.image_every == 0 and s.info.main:
             png = monitor / f"step_{step:08d}.png"
-            with torch.no_grad(), _autocast(s.device, amp):
+            with torch.no_grad(), _autocast(s.device, opts.amp):
                 sr_ema = G_ema(y_g, seed=0)
             _save_monitor(png, y_g.detach(), sr_ema.detach(), x_g.detach())
-            if tracker is not None:
-                tracker.log_artifact(png, "monitor")
-        bad.update(skip, step)
-        if step % log_every == 0:
-            m = meter.means()
-            row = {"step": step, "epoch": _epoch_of(step, iters_per_epoch), "fidelity": m["fidelity"],
-                   "generator": m["generator"], "critic": m["critic"], "r1": m["r1"], "lr_g": lr_g_now,
-                   "lr_d": lr_d_now, "skipped": meter.skipped, **_noise_row(G)}
-            log.append(row)
-            progress.report(step, row["epoch"], {k: m[k] for k in ("fidelity", "generator", "critic", "r1")})
-            if tracker is not None and s.info.main:
-                sps = meter.seconds_per_step()
-                tracker.log_metrics({**{k: v for k, v in row.items() if k not in ("step", "epoch")},
-                                     "grad_norm_g": m["grad_norm_g"], "grad_norm_d": m["grad_norm_d"],
-                                     "skipped_total": bad.total, "step_time_s": sps,
-                                     "patches_per_s": batch_size / sps}, step)
-            meter.reset()
-        if step % ckpt_every == 0 or step == total or step == stop_after:
-            checkpoint(step)
-    progress.close()
-    return _conclude(s, "train_gan", step, checkpoint, G_ema, gen_cfg, seed, tracker)
+            tail.track_artifact(png, "monitor")
+        tail.step_done(step, {"fidelity": fid_v, "generator": adv_g_v, "critic": adv_d_v, "r1": r1_v,
+                              "grad_norm_g": gnorm_g_v, "grad_norm_d": gnorm_d_v}, bad_g > 0 or bad_d > 0,
+                       {"lr_g": lr_g_now, "lr_d": lr_d_now})
+    return tail.finish(step, G_ema, gen_cfg)

@@ -6,8 +6,23 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+
+def umask() -> int:
+    """The process's file-mode creation mask (e.g. 0o022), read without changing it where /proc allows."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc: the classic two-call read (not thread-safe, hence the fallback only)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -16,7 +31,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 
     On any exception the temporary file is removed, so a reader never sees a
     half-written output under the final name (DVC/Snakemake would otherwise
-    treat it as a finished, cached result).
+    treat it as a finished, cached result). ``mkstemp`` creates the file with
+    mode 0600; before the rename it gets ``0666 & ~umask``, the mode a plain
+    ``open(path, "w")`` would give, so group members can read shared outputs.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,6 +42,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~umask())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -33,11 +51,10 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -88,7 +105,7 @@ def import_closure(script: str | os.PathLike) -> list[Path]:
     return sorted(seen)
 
 
-def pick_device(requested: str | None = None) -> "str":
+def pick_device(requested: str | None = None) -> str:
     """Return ``requested`` or 'cuda' when available, else 'cpu'."""
     if requested:
         return requested
@@ -104,8 +121,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     A stage that fails half-way leaves no folder under the final name, so a
     workflow engine can never mistake partial output for a finished result. An
     existing folder at ``path`` is first renamed aside, so ``path`` is only
-    missing between two renames, never half-deleted. The folder is created
-    with the user's umask. On an exception the temporary folder is removed.
+    missing between two renames, never half-deleted. Before the rename the
+    folder gets ``0777 & ~umask``, as ``mkdir`` would give. On an exception the
+    temporary folder is removed.
     """
     import shutil
     import uuid
@@ -116,6 +134,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~umask())
         if path.exists():
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(path, old)

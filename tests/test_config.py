@@ -153,3 +153,70 @@ def test_resources_live_outside_the_tracked_sections(tmp_path):
     doc["demo"]["resources"]["evaluate"]["mem_mb"] = "lots"
     with pytest.raises(ConfigError, match=r"key 'demo\.resources\.evaluate\.mem_mb' must be an integer, got 'lots'"):
         load_params(_write(tmp_path, doc))
+
+
+# ------------------------------------------------------------------ training options records
+
+
+def test_training_sections_are_the_options_records():
+    import dataclasses
+
+    from srmap.config import NUM, OPT_NUM, SCHEMA, options_schema
+    from srmap.options import GanOptions, PretrainOptions
+
+    for section, cls in (("pretrain", PretrainOptions), ("train_gan", GanOptions)):
+        assert list(SCHEMA[section]) == [f.name for f in dataclasses.fields(cls)]
+        for name in ("paper", "demo"):
+            assert set(_params()[name][section]) == set(SCHEMA[section]), (name, section)
+    assert SCHEMA["train_gan"]["noise_init"] is OPT_NUM and SCHEMA["train_gan"]["alpha"] is NUM
+    assert SCHEMA["pretrain"]["noise"] is bool and SCHEMA["pretrain"]["betas"] is list
+    assert SCHEMA["train_gan"]["adv_loss"] is str
+
+    @dataclasses.dataclass(frozen=True)
+    class NewStage:  # a new hyper-parameter is one field: its schema follows
+        warmup: int
+        decay: float | None
+        fancy: bool
+
+    assert options_schema(NewStage) == {"warmup": int, "decay": OPT_NUM, "fancy": bool}
+
+    @dataclasses.dataclass(frozen=True)
+    class Unmapped:
+        table: dict
+
+    with pytest.raises(TypeError, match="no params.yaml type"):
+        options_schema(Unmapped)
+
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("pretrain", "batch_size", 0, "a positive integer"),
+    ("pretrain", "betas", [0.9], r"two numbers in \[0, 1\)"),
+    ("pretrain", "milestones", [0, 3], "positive epoch numbers"),
+    ("pretrain", "lr", 0, "a number > 0"),
+    ("train_gan", "batch_size", 15, "an even number"),
+    ("train_gan", "ema_beta", 1.0, r"a number in \[0, 1\)"),
+    ("train_gan", "workers", -1, "an integer >= 0"),
+    ("train_gan", "r1_gamma", -1e-4, "a number >= 0"),
+])
+def test_out_of_range_training_options_name_the_key(tmp_path, section, key, value, expected):
+    doc = _params()
+    doc["demo"][section][key] = value
+    with pytest.raises(ConfigError, match=rf"^params\.yaml: key 'demo\.{section}\.{key}' must be {expected}.*, got "):
+        load_params(_write(tmp_path, doc))
+
+
+def test_options_records_are_frozen_and_normalise_lists():
+    import dataclasses
+
+    from srmap.options import GanOptions, OptionError, PretrainOptions
+
+    opts = PretrainOptions(**_params()["paper"]["pretrain"])
+    assert opts.betas == (0.9, 0.999) and opts.milestones == (200,)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.lr = 1.0
+    gan = dict(_params()["paper"]["train_gan"])
+    assert GanOptions(**gan).noise_init is None and GanOptions(**{**gan, "noise_init": 2}).noise_init == 2
+    with pytest.raises(OptionError, match=r"noise_init: expected null .* got nan"):
+        GanOptions(**{**gan, "noise_init": float("nan")})
+    with pytest.raises(TypeError):
+        GanOptions(**{**gan, "unknown": 1})  # a key that is not a field is refused by the dataclass itself

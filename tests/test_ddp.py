@@ -20,6 +20,7 @@ import torch
 from conftest import make_prepared
 from srmap.checkpoint import load_checkpoint, save_generator
 from srmap.nets import Generator, generator_config
+from srmap.options import GanOptions, PretrainOptions
 from srmap.train import pretrain, train_gan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,25 +29,28 @@ TINY_G = {"stem_width": 8, "feature_widths": [8, 8, 8], "blocks_per_stage": [1],
 TINY_C = {"basis_size": 2, "stage_widths": [4, 8, 8, 8], "blocks_per_stage": [1, 1, 1, 1], "epilog_width": 8,
           "latent_width": 8, "compression": 4, "kernel_size": 3}  # 32 px input
 COMMON = dict(batch_size=4, lr_patch=8, betas=[0.5, 0.99], epochs=1, iters_per_epoch=3, milestones=[], lr_gamma=0.5,
-              ckpt_every=100, log_every=1, workers=0, max_bad_steps=3, amp=True, channels_last=True, compile=False,
-              device="cpu")
+              ckpt_every=100, log_every=1, workers=0, max_bad_steps=3, amp=True, channels_last=True, compile=False)
 
 WORKER = """
 import faulthandler, json, sys
 faulthandler.dump_traceback_later(150, exit=True)  # a hung collective shows its stack instead of a bare timeout
+from srmap.options import GanOptions, PretrainOptions
 from srmap.train import pretrain, train_gan
 args = json.loads(open(sys.argv[1]).read())
-pretrain(**args["pretrain"])
-train_gan(**args["train_gan"])
+pretrain(PretrainOptions(**args["pretrain"]["opts"]), **args["pretrain"]["run"])
+train_gan(GanOptions(**args["train_gan"]["opts"]), **args["train_gan"]["run"])
 """
 
 
 def stage_kwargs(data: Path, out: Path, init: Path) -> dict:
+    """Per stage: the options (JSON-able) and the run's paths, configs and device."""
     return {
-        "pretrain": dict(COMMON, data_dir=str(data), out_dir=str(out / "pretrain"), gen_cfg=TINY_G, seed=0, lr=1e-3),
-        "train_gan": dict(COMMON, data_dir=str(data), out_dir=str(out / "gan"), init_generator=str(init),
-                          gen_cfg=TINY_G, critic_cfg=TINY_C, seed=1, lr_g=1e-3, lr_d=1e-3, alpha=2550.0, r1_gamma=1e-3,
-                          adv_loss="softplus", image_every=2, ema_beta=0.9, noise_init=5.0),
+        "pretrain": {"opts": dict(COMMON, seed=0, lr=1e-3, noise=True),
+                     "run": dict(data_dir=str(data), out_dir=str(out / "pretrain"), gen_cfg=TINY_G, device="cpu")},
+        "train_gan": {"opts": dict(COMMON, seed=1, lr_g=1e-3, lr_d=1e-3, alpha=2550.0, r1_gamma=1e-3,
+                                   adv_loss="softplus", image_every=2, ema_beta=0.9, noise_init=5.0),
+                      "run": dict(data_dir=str(data), out_dir=str(out / "gan"), init_generator=str(init),
+                                  gen_cfg=TINY_G, critic_cfg=TINY_C, device="cpu")},
     }
 
 
@@ -74,8 +78,8 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     single = stage_kwargs(data, tmp_path / "single", init)
-    pretrain(**single["pretrain"])
-    train_gan(**single["train_gan"])
+    pretrain(PretrainOptions(**single["pretrain"]["opts"]), **single["pretrain"]["run"])
+    train_gan(GanOptions(**single["train_gan"]["opts"]), **single["train_gan"]["run"])
 
     for stage, keys in (("pretrain", ["l1"]), ("gan", ["fidelity", "generator", "critic", "r1"])):
         d, s = losses(tmp_path / "ddp" / stage / "losses.csv"), losses(tmp_path / "single" / stage / "losses.csv")

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from srmap.checkpoint import save_checkpoint, save_generator
-from srmap.inference import load_generator, read_rgb, upscale_command, upscale_image, upscale_tensor
+from srmap.imageio import read_rgb8
+from srmap.inference import load_generator, upscale_command, upscale_image, upscale_tensor
 from srmap.nets import Generator, GeneratorConfig
 
 TINY = GeneratorConfig(stem_width=8, feature_widths=(8, 8, 8), blocks_per_stage=(2,), compression=2, kernel_size=3)
@@ -135,7 +136,7 @@ def test_upscale_command_skips_bad_file_and_exits_nonzero(tmp_path, G, capsys):
     bad_lines = [line for line in err.splitlines() if "b.png" in line]
     assert len(bad_lines) == 1 and "skipped" in bad_lines[0]
     expect = upscale_image(G, good, seed=0, noise_scale=0.0, tile=0, tile_pad=16, device="cpu")
-    np.testing.assert_array_equal(read_rgb(out / "a_x4.png"), expect)
+    np.testing.assert_array_equal(read_rgb8(out / "a_x4.png"), expect)
 
 
 def test_upscale_command_samples_and_tiles(tmp_path, G):
@@ -147,7 +148,7 @@ def test_upscale_command_samples_and_tiles(tmp_path, G):
         rc = upscale_command(tmp_path / "x.png", tmp_path / "o", tmp_path / "g.pt", samples=2, seed=5, tile=6,
                              tile_pad=G.receptive_radius)
     assert rc == 0
-    s0, s1 = read_rgb(tmp_path / "o" / "x_s0.png"), read_rgb(tmp_path / "o" / "x_s1.png")
+    s0, s1 = read_rgb8(tmp_path / "o" / "x_s0.png"), read_rgb8(tmp_path / "o" / "x_s1.png")
     full = upscale_image(G, lr, seed=6, noise_scale=1.0, tile=0, tile_pad=0, device="cpu")
     assert np.abs(s1.astype(int) - full.astype(int)).max() <= 1  # seed + k; tiling within float rounding
     assert (s0 != s1).any()

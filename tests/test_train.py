@@ -20,6 +20,7 @@ from PIL import Image
 from conftest import make_prepared
 from srmap.checkpoint import load_checkpoint, save_checkpoint, save_generator
 from srmap.nets import Generator, generator_config
+from srmap.options import GanOptions, PretrainOptions
 from srmap.train import (
     GAN_COLUMNS,
     PRETRAIN_COLUMNS,
@@ -53,11 +54,21 @@ def init_generator(tmp_path_factory):
     return path
 
 
+RUN_KEYS = ("data_dir", "out_dir", "init_generator", "gen_cfg", "critic_cfg", "device")
+
+
+def _call_kw(cls, kw):
+    """Keyword arguments of a training call: the options record plus the run's paths, configs and device."""
+    return {"opts": cls(**{k: v for k, v in kw.items() if k not in RUN_KEYS}),
+            **{k: kw[k] for k in RUN_KEYS if k in kw}}
+
+
 def pre_kw(data_dir, out_dir, **over):
     kw = dict(data_dir=data_dir, out_dir=out_dir, gen_cfg=TINY_G, seed=0, batch_size=4, lr_patch=8, lr=1e-3,
-              betas=[0.9, 0.999], epochs=2, iters_per_epoch=3, milestones=[1], lr_gamma=0.5, ckpt_every=100,
-              log_every=2, workers=0, max_bad_steps=3, amp=True, channels_last=True, compile=False, device="cpu")
-    return {**kw, **over}
+              betas=[0.9, 0.999], epochs=2, iters_per_epoch=3, milestones=[1], lr_gamma=0.5, noise=True,
+              ckpt_every=100, log_every=2, workers=0, max_bad_steps=3, amp=True, channels_last=True, compile=False,
+              device="cpu")
+    return _call_kw(PretrainOptions, {**kw, **over})
 
 
 def gan_kw(data_dir, out_dir, init_generator, **over):
@@ -67,7 +78,7 @@ def gan_kw(data_dir, out_dir, init_generator, **over):
               iters_per_epoch=2, milestones=[1],
               lr_gamma=0.5, image_every=2, ckpt_every=100, log_every=1, workers=0, max_bad_steps=3, amp=True,
               channels_last=True, compile=False, device="cpu")
-    return {**kw, **over}
+    return _call_kw(GanOptions, {**kw, **over})
 
 
 def assert_same_state(a, b):

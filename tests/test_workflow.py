@@ -127,13 +127,13 @@ def test_import_closure_follows_lazy_and_transitive_imports(tmp_path):
 def test_training_fingerprint_covers_exactly_declared_code(both):
     """srmap.train.code_fingerprint hashes train.py and its import closure; each training stage declares
     all of it, so a change that invalidates a checkpoint also re-runs the stage (and vice versa for
-    everything but the stage's own plumbing: config, tracking)."""
+    everything but the stage's own plumbing: config, tracking, venv)."""
     fingerprinted = {"srmap/train.py"} | {str(p.relative_to(ROOT)) for p in import_closure(ROOT / "srmap/train.py")}
     dvc, smk = both
     for stage in ("pretrain", "train_gan"):
         declared = srmap_code(dvc[stage]["deps"])
         assert fingerprinted <= declared, (stage, fingerprinted - declared)
-        assert declared - fingerprinted <= {"srmap/config.py", "srmap/tracking.py"}, stage
+        assert declared - fingerprinted <= {"srmap/config.py", "srmap/tracking.py", "srmap/venv.py"}, stage
 
 
 # ------------------------------------------------------------------ paths: Paths vs both engines
