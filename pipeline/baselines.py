@@ -25,7 +25,7 @@ def main(ctx: StageContext) -> None:
 
     section, scoring = ctx.params["baselines"], ctx.params["evaluate"]
     valid = ctx.paths.prepared / "valid"
-    methods = baseline_methods(section, root=ctx.root, models_dir=ctx.root / "models" / "baselines",
+    methods = baseline_methods(section, root=ctx.root, models_dir=ctx.root / "models/baselines",
                                gt_stems=sorted(p.stem for p in (valid / "hr").glob("*.png")))
     with Tracker(ctx.root, stage="baselines", profile=ctx.profile,
                  params={"baselines": section, "evaluate": scoring}, pipeline_params=ctx.params) as tracker:

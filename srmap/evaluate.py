@@ -50,7 +50,7 @@ class Method:
 
     slug: str  # identity: metrics.json key, MLflow prefix, folder/CSV name; [a-z0-9_]+
     label: str  # display label in Table 2 and the figures; never decides behaviour
-    checkpoint: Path | None = None  # any x4 checkpoint srmap.baselines.load_sr_model reads; None = MATLAB bicubic
+    checkpoint: Path | None = None  # any x4 checkpoint srmap.models.load_sr_model reads; None = MATLAB bicubic
     samples: int = 1  # SR outputs per LR image: 1 = deterministic (noise off), N > 1 = seeds 0..N-1
     sr_dir: Path | None = None  # released SR images to score as they are (no checkpoint): NTIRE or _s<k> layout
 
@@ -261,7 +261,7 @@ def _generate(method: Method, lr_files: list[Path], sr_dir: Path, *, noise_scale
     """
     from tqdm import tqdm
 
-    from srmap.baselines import load_sr_model
+    from srmap.models import load_sr_model
     from srmap.degrade import imresize
     from srmap.inference import upscale_image
 

@@ -245,7 +245,7 @@ def upscale_command(inputs: Path, out: Path, checkpoint: Path, *, samples: int =
     all of them succeeded. Returns 0 when all files succeeded, 1 when any
     failed, 2 when nothing could start (bad checkpoint, missing input, bad
     arguments, ``samples`` > 1 for a deterministic published model).
-    ``checkpoint`` is anything :func:`srmap.baselines.load_sr_model` reads:
+    ``checkpoint`` is anything :func:`srmap.models.load_sr_model` reads:
     an SRMAP generator or training checkpoint, or a published x4 model.
     """
     import torch
@@ -262,7 +262,7 @@ def upscale_command(inputs: Path, out: Path, checkpoint: Path, *, samples: int =
         files = _input_files(inputs)
         if not files:
             raise FileNotFoundError(f"{inputs}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-        from srmap.baselines import load_sr_model
+        from srmap.models import load_sr_model
 
         G = load_sr_model(checkpoint, device=device)
         if samples > 1 and getattr(G, "deterministic", False):

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from srmap import baselines
-from srmap.baselines import PublishedModel, count_samples, fetch_weights, load_sr_model
+from srmap.baselines import count_samples, fetch_weights
+from srmap.models import PublishedModel, load_sr_model
 from srmap.download import ChecksumError
 from srmap.inference import upscale_tensor
 
