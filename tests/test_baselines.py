@@ -4,7 +4,10 @@ tiling, refusals, the verified weight download, and external result folders."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +188,130 @@ def test_uint8_path_matches_spandrel_to_the_level(esrgan_files):
     ref = _spandrel_reference(esrgan_files["basicsr"], torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255)
     ref = (ref.clamp(0, 1) * 255).round()[0].permute(1, 2, 0).to(torch.uint8).numpy()
     np.testing.assert_array_equal(ours, ref)
+
+
+# ------------------------------------------------------------------ srmap upscale with published models
+
+@pytest.mark.parametrize("layout", ["original", "basicsr", "params_ema"])
+def test_srmap_upscale_output_equals_spandrels_call(esrgan_files, layout, tmp_path):
+    from PIL import Image
+
+    from srmap.inference import upscale_command
+
+    lr = np.random.default_rng(5).integers(0, 256, (14, 11, 3), dtype=np.uint8)
+    Image.fromarray(lr).save(tmp_path / "in.png")
+    assert upscale_command(tmp_path / "in.png", tmp_path / "out", esrgan_files[layout], tile=8, tile_pad=None) == 0
+    ours = np.asarray(Image.open(tmp_path / "out" / "in_x4.png"))
+    ref = _spandrel_reference(esrgan_files[layout], torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255)
+    np.testing.assert_array_equal(ours, (ref * 255).round()[0].permute(1, 2, 0).to(torch.uint8).numpy())
+
+
+def test_srmap_upscale_refuses_samples_for_a_deterministic_model(esrgan_files, tmp_path, capsys):
+    from PIL import Image
+
+    from srmap.inference import upscale_command
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "in.png")
+    assert upscale_command(tmp_path / "in.png", tmp_path / "out", esrgan_files["basicsr"], samples=3) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "deterministic ESRGAN" in err and "--samples must be 1" in err
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ the baselines stage, end to end
+
+def _valid_pairs(root: Path, stems=("a", "b")) -> None:
+    """Smooth random 64x48 HR validation images and their MATLAB-bicubic x4 LR, as degrade writes them."""
+    from PIL import Image
+
+    from srmap.degrade import imresize
+
+    rng = np.random.default_rng(6)
+    for sub in ("hr", "lr"):
+        (root / sub).mkdir(parents=True)
+    for stem in stems:
+        coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        hr = np.asarray(Image.fromarray(coarse).resize((64, 48), Image.BICUBIC))
+        Image.fromarray(hr).save(root / "hr" / f"{stem}.png")
+        Image.fromarray(imresize(hr, 0.25)).save(root / "lr" / f"{stem}.png")
+
+
+def _stage(clone: Path, edit) -> subprocess.CompletedProcess:
+    """Run pipeline/baselines.py in ``clone`` after ``edit(params['demo']['baselines'])``."""
+    import yaml
+
+    from conftest import tool_env
+
+    doc = yaml.safe_load((clone / "params.yaml").read_text())
+    edit(doc["demo"]["baselines"])
+    (clone / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return subprocess.run([sys.executable, "pipeline/baselines.py"], cwd=clone, env=tool_env(clone),
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def stage_clone(tmp_path_factory, esrgan_files):
+    """A fresh clone with synthetic validation pairs, a fabricated ESRGAN file and a released-results folder."""
+    import shutil
+
+    from PIL import Image
+
+    from conftest import clone_repo
+
+    clone = clone_repo(tmp_path_factory.mktemp("baselines") / "srmap")
+    _valid_pairs(clone / "data" / "demo" / "prepared" / "valid")
+    shutil.copy(esrgan_files["basicsr"], clone / "esrgan_fabricated.pth")
+    released = clone / "released" / "NCSR"
+    released.mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    for stem in ("a", "b"):
+        hr = np.asarray(Image.open(clone / "data" / "demo" / "prepared" / "valid" / "hr" / f"{stem}.png"))
+        for k in range(3):
+            noisy = np.clip(hr.astype(int) + rng.integers(-12, 13, hr.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(noisy).save(released / f"{stem}_s{k}.png")
+    return clone
+
+
+def test_baselines_stage_scores_a_checkpoint_and_released_results(stage_clone):
+    def edit(b):
+        b["checkpoints"] = {"ESRGAN (fabricated)": "esrgan_fabricated.pth"}
+        b["external"] = {"NCSR": "released/NCSR"}
+        b["tile"], b["tile_pad"] = 8, None
+
+    proc = _stage(stage_clone, edit)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = stage_clone / "results" / "demo" / "baselines"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["bicubic", "esrgan_fabricated", "ncsr"]
+    for slug, leaves in metrics.items():
+        assert all(re.fullmatch(r"[a-z0-9_]+", k) and isinstance(v, (int, float)) for k, v in leaves.items()), slug
+    assert metrics["ncsr"]["samples"] == 3 and metrics["ncsr"]["diversity"] > 0
+    assert metrics["esrgan_fabricated"]["samples"] == 1 and metrics["esrgan_fabricated"]["diversity"] == 0
+    assert metrics["bicubic"]["lr_psnr"] > 40  # MATLAB bicubic up, then down, stays close to the LR
+    info = json.loads((out / "eval" / "methods.json").read_text())
+    assert [m["label"] for m in info["methods"]] == ["Bicubic", "ESRGAN (fabricated)", "NCSR"]
+    assert info["methods"][2]["sr_dir"].endswith("released/NCSR")
+    assert (out / "eval" / "sr" / "esrgan_fabricated" / "a.png").is_file()
+    assert not (out / "eval" / "sr" / "ncsr").exists()  # released results are scored where they are
+
+
+def test_baselines_stage_missing_official_weights_is_one_line(stage_clone):
+    def edit(b):
+        b["models"], b["download"] = ["esrgan"], False
+        b["checkpoints"], b["external"] = {}, {}
+
+    proc = _stage(stage_clone, edit)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    meta = baselines.WEIGHTS["esrgan"]
+    assert meta.file in err[0] and "models/baselines" in err[0] and meta.url in err[0]
+
+
+def test_baselines_stage_missing_external_folder_is_one_line(stage_clone):
+    def edit(b):
+        b["models"], b["checkpoints"], b["external"] = [], {}, {"SRFlow": "released/SRFlow"}
+
+    proc = _stage(stage_clone, edit)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "released/SRFlow" in proc.stderr
