@@ -287,7 +287,6 @@ def test_baselines_stage_scores_a_checkpoint_and_released_results(stage_clone):
         assert all(re.fullmatch(r"[a-z0-9_]+", k) and isinstance(v, (int, float)) for k, v in leaves.items()), slug
     assert metrics["ncsr"]["samples"] == 3 and metrics["ncsr"]["diversity"] > 0
     assert metrics["esrgan_fabricated"]["samples"] == 1 and metrics["esrgan_fabricated"]["diversity"] == 0
-    assert metrics["bicubic"]["lr_psnr"] > 40  # MATLAB bicubic up, then down, stays close to the LR
     info = json.loads((out / "eval" / "methods.json").read_text())
     assert [m["label"] for m in info["methods"]] == ["Bicubic", "ESRGAN (fabricated)", "NCSR"]
     assert info["methods"][2]["sr_dir"].endswith("released/NCSR")
