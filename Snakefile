@@ -1,4 +1,4 @@
-# SRMAP pipeline for Snakemake: the same six stages, scripts and paths as dvc.yaml
+# SRMAP pipeline for Snakemake: the same seven stages, scripts and paths as dvc.yaml
 # (tests/test_workflow.py fails if they drift apart).
 #   snakemake                    # one machine (profiles/default)
 #   snakemake --profile slurm    # a SLURM cluster (profiles/slurm; partition/account are set there)

@@ -1,4 +1,4 @@
-"""dvc.yaml and the Snakefile must describe the same six stages: names, scripts, inputs, outputs and
+"""dvc.yaml and the Snakefile must describe the same seven stages: names, scripts, inputs, outputs and
 tracked params; their code deps are each stage script's import closure; their outputs are the paths the
 stage scripts write (srmap.config.Paths); and resources stay out of what DVC tracks."""
 
