@@ -1,4 +1,4 @@
-# SRMAP pipeline for Snakemake: the same six stages, scripts and paths as dvc.yaml
+# SRMAP pipeline for Snakemake: the same seven stages, scripts and paths as dvc.yaml
 # (tests/test_workflow.py fails if they drift apart).
 #   snakemake                    # one machine (profiles/default)
 #   snakemake --profile slurm    # a SLURM cluster (profiles/slurm; partition/account are set there)
@@ -131,6 +131,7 @@ rule pretrain:
         "srmap/imageio.py",
         "srmap/inference.py",
         "srmap/losses.py",
+        "srmap/models.py",
         "srmap/nets.py",
         "srmap/options.py",
         "srmap/tracking.py",
@@ -166,6 +167,7 @@ rule train_gan:
         "srmap/imageio.py",
         "srmap/inference.py",
         "srmap/losses.py",
+        "srmap/models.py",
         "srmap/nets.py",
         "srmap/options.py",
         "srmap/tracking.py",
@@ -193,6 +195,41 @@ rule train_gan:
         f"{RUN}{{params.launcher}} pipeline/train_gan.py --profile {PROFILE} 2>&1 | tee -a {{log}}"
 
 
+rule baselines:
+    input:
+        "pipeline/baselines.py",
+        "srmap/baselines.py",
+        "srmap/checkpoint.py",
+        "srmap/config.py",
+        "srmap/degrade.py",
+        "srmap/download.py",
+        "srmap/evaluate.py",
+        "srmap/imageio.py",
+        "srmap/inference.py",
+        "srmap/metrics.py",
+        "srmap/models.py",
+        "srmap/nets.py",
+        "srmap/options.py",
+        "srmap/tracking.py",
+        "srmap/utils.py",
+        "srmap/baselines.json",
+        f"data/{PROFILE}/prepared",
+    output:
+        directory(f"results/{PROFILE}/baselines/eval"),
+        f"results/{PROFILE}/baselines/metrics.json",
+    params:
+        tracked=tracked("baselines"),
+    log:
+        f"logs/{PROFILE}/baselines.log",
+    threads: res("baselines", "cpus")
+    resources:
+        **resources("baselines"),
+    conda:
+        CONDA_ENV
+    shell:
+        f"{RUN}python pipeline/baselines.py --profile {PROFILE} 2>&1 | tee -a {{log}}"
+
+
 rule evaluate:
     input:
         "pipeline/evaluate.py",
@@ -203,6 +240,7 @@ rule evaluate:
         "srmap/imageio.py",
         "srmap/inference.py",
         "srmap/metrics.py",
+        "srmap/models.py",
         "srmap/nets.py",
         "srmap/options.py",
         "srmap/tracking.py",
@@ -239,6 +277,8 @@ rule report:
         "reports/published.csv",
         f"results/{PROFILE}/metrics.json",
         f"results/{PROFILE}/eval",
+        f"results/{PROFILE}/baselines/metrics.json",
+        f"results/{PROFILE}/baselines/eval",
         f"data/{PROFILE}/prepared",
         f"models/{PROFILE}/pretrain/losses.csv",
         f"models/{PROFILE}/train_gan/losses.csv",

@@ -1,4 +1,4 @@
-"""Stage `evaluate`: score bicubic, the L1 generator and SRMAP with the NTIRE 2021 protocol.
+"""Stage `evaluate`: score the L1 generator and SRMAP with the NTIRE 2021 protocol.
 
 Reads params `<profile>.evaluate`; reads `data/<profile>/prepared/valid` and
 both generators. Writes `results/<profile>/eval/` (SR images, per-image CSVs
@@ -24,9 +24,8 @@ def main(ctx: StageContext) -> None:
     from srmap.tracking import Tracker
 
     section = ctx.params["evaluate"]
-    # Table 2's measured rows, in order. A further method (a baseline) is one more Method here.
-    methods = [Method("bicubic", "Bicubic"),
-               Method("l1", "Generator w/ L1 (ours)", ctx.paths.pretrain / "generator.pt"),
+    # Table 2's rows of our own models, in order (Bicubic and published models: the baselines stage).
+    methods = [Method("l1", "Generator w/ L1 (ours)", ctx.paths.pretrain / "generator.pt"),
                Method("srmap", "SRMAP (ours)", ctx.paths.train_gan / "generator.pt", samples=section["samples"])]
     with Tracker(ctx.root, stage="evaluate", profile=ctx.profile, params={"evaluate": section},
                  pipeline_params=ctx.params) as tracker:

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "explicit MAP estimation. Upscale or score your own images.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("upscale", help="upscale an image or a folder of images x4 with a trained generator",
+    p = sub.add_parser("upscale", help="upscale an image or a folder of images x4 with a trained generator "
+                                       "or a published x4 model",
                        description="Upscale images x4 into PNGs. Tiled inference bounds memory; position-keyed "
                                    "noise makes the tiled result equal the whole-image one. Alpha: a transparent "
                                    "image (RGBA, gray+alpha, palette with a transparent index) comes back RGBA; the "
@@ -84,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, help="an image file or a folder of images")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--checkpoint", type=Path, required=True,
-                   help="generator.pt, or a training checkpoint.pt (its EMA generator when it has one)")
+                   help="generator.pt, or a training checkpoint.pt (its EMA generator when it has one), or a "
+                        "published x4 model spandrel reads (ESRGAN/RRDBNet in the original or BasicSR layout, "
+                        "params_ema files, .safetensors, Real-ESRGAN, SwinIR, ...; deterministic: --samples 1)")
     p.add_argument("--samples", type=int, default=1, help="samples per image (seeds seed..seed+N-1) [1]")
     p.add_argument("--seed", type=int, default=0, help="first sample's seed [0]")
     p.add_argument("--noise-scale", type=finite_float, default=1.0, help="noise multiplier; 0 = deterministic [1.0]")

@@ -23,6 +23,7 @@ from srmap.options import GanOptions, OptionError, PretrainOptions
 
 NUM = (int, float)
 OPT_NUM = (int, float, type(None))  # a number or null
+OPT_INT = (int, type(None))  # an integer or null
 RESOURCES = {"gpus": int, "cpus": int, "mem_mb": int, "runtime": int}  # one stage's cluster request
 # Sections whose keys are the fields of an options record (srmap.options); their schema derives from it.
 OPTIONS = {"pretrain": PretrainOptions, "train_gan": GanOptions}
@@ -65,9 +66,12 @@ SCHEMA: dict[str, Any] = {
     **{section: options_schema(cls) for section, cls in OPTIONS.items()},
     "evaluate": {"samples": int, "noise_scale": NUM, "crop_border": int, "lpips_pretrained": bool, "tile": int,
                  "tile_pad": int},
+    "baselines": {"models": list, "checkpoints": dict, "external": dict, "download": bool, "tile": int,
+                  "tile_pad": OPT_INT},
     "report": {"crop_size": int, "seed": int},
     # Read by the Snakefile only; no dvc.yaml stage tracks it (degrade's CPUs follow data.workers).
-    "resources": {stage: RESOURCES for stage in ("download", "pretrain", "train_gan", "evaluate", "report")},
+    "resources": {stage: RESOURCES for stage in ("download", "pretrain", "train_gan", "baselines", "evaluate",
+                                                 "report")},
 }
 # Allowed values. Only x4: the generator, training, evaluation and report are built for 4.
 # (The options records check their own ranges and choices, e.g. train_gan.adv_loss.)
@@ -85,7 +89,9 @@ def _type_name(t: Any) -> str:
         return "a number"
     if t is OPT_NUM:
         return "a number or null"
-    return {int: "an integer", bool: "true/false", str: "a string", list: "a list"}[t]
+    if t is OPT_INT:
+        return "an integer or null"
+    return {int: "an integer", bool: "true/false", str: "a string", list: "a list", dict: "a mapping"}[t]
 
 
 def _check(node: Any, schema: Mapping[str, Any], where: str, fname: str) -> None:
@@ -101,7 +107,7 @@ def _check(node: Any, schema: Mapping[str, Any], where: str, fname: str) -> None
             continue
         # bool is an int subclass: keep true/false out of numeric keys and vice versa
         ok = isinstance(value, t) and not (t is not bool and isinstance(value, bool))
-        if t is NUM or t is OPT_NUM:
+        if t is NUM or t is OPT_NUM or t is OPT_INT:
             ok = isinstance(value, t) and not isinstance(value, bool)
         if not ok:
             raise ConfigError(f"{fname}: key '{dotted}' must be {_type_name(t)}, got {value!r}")
@@ -188,6 +194,10 @@ class Paths:
     @property
     def results(self) -> Path:  # evaluate -> eval/ (SR images, per-image CSVs) and metrics.json
         return self._p("results", self.profile)
+
+    @property
+    def baselines(self) -> Path:  # baselines -> eval/ (SR images, per-image CSVs) and metrics.json
+        return self._p("results", self.profile, "baselines")
 
     @property
     def report(self) -> Path:

@@ -56,14 +56,20 @@ class _Incomplete(OSError):
 
 
 def verify_file(path: Path, *, size: int | None, sha256: str | None, progress: bool = False) -> None:
-    """Raise ChecksumError naming ``path`` unless its size and SHA-256 match (None skips a check)."""
+    """Raise ChecksumError naming ``path`` unless its size and SHA-256 match (None skips a check).
+
+    ``sha256`` is the full hex digest, or a published prefix of it (at least 8
+    hex digits, as BasicSR appends to its weight file names).
+    """
+    if sha256 is not None and not (8 <= len(sha256) <= 64 and all(c in "0123456789abcdefABCDEF" for c in sha256)):
+        raise ValueError(f"verify_file: sha256 must be 8 to 64 hex digits, got {sha256!r}")
     actual = os.path.getsize(path)
     if size is not None and actual != size:
         raise ChecksumError(f"{path}: {actual} bytes, expected {size}; the file is incomplete or not the "
                             f"official archive")
     if sha256 is not None:
         digest = sha256_file(path, progress=progress)
-        if digest != sha256.lower():
+        if not digest.startswith(sha256.lower()):
             raise ChecksumError(f"{path}: SHA-256 {digest}, expected {sha256}; the file is corrupt or not "
                                 f"the official archive")
 

@@ -50,15 +50,18 @@ class Method:
 
     slug: str  # identity: metrics.json key, MLflow prefix, folder/CSV name; [a-z0-9_]+
     label: str  # display label in Table 2 and the figures; never decides behaviour
-    checkpoint: Path | None = None  # generator checkpoint (generator.pt); None = MATLAB bicubic x4 of the LR
+    checkpoint: Path | None = None  # any x4 checkpoint srmap.models.load_sr_model reads; None = MATLAB bicubic
     samples: int = 1  # SR outputs per LR image: 1 = deterministic (noise off), N > 1 = seeds 0..N-1
+    sr_dir: Path | None = None  # released SR images to score as they are (no checkpoint): NTIRE or _s<k> layout
 
     def __post_init__(self):
         if not _SLUG.fullmatch(self.slug):
             raise ValueError(f"method slug {self.slug!r}: expected lower-case letters, digits and '_'")
         if self.samples < 1:
             raise ValueError(f"method {self.slug!r}: samples must be >= 1, got {self.samples}")
-        if self.checkpoint is None and self.samples != 1:
+        if self.checkpoint is not None and self.sr_dir is not None:
+            raise ValueError(f"method {self.slug!r}: give a checkpoint or a folder of SR images, not both")
+        if self.checkpoint is None and self.sr_dir is None and self.samples != 1:
             raise ValueError(f"method {self.slug!r}: bicubic is deterministic, samples must be 1")
 
 
@@ -252,13 +255,19 @@ def evaluate_command(gt, sr, samples, scale, out_csv, lpips_pretrained, device, 
 
 def _generate(method: Method, lr_files: list[Path], sr_dir: Path, *, noise_scale: float, tile: int,
               tile_pad: int, device: str) -> None:
-    """Write each LR image's SR output(s): <stem>.png, or <stem>_s<k>.png for seeds 0..samples-1 at ``noise_scale``."""
+    """Write each LR image's SR output(s): <stem>.png, or <stem>_s<k>.png for seeds 0..samples-1 at ``noise_scale``.
+
+    Raises ValueError when a deterministic (published) model is asked for more than one sample.
+    """
     from tqdm import tqdm
 
+    from srmap.models import load_sr_model
     from srmap.degrade import imresize
-    from srmap.inference import load_generator, upscale_image
+    from srmap.inference import upscale_image
 
-    G = None if method.checkpoint is None else load_generator(Path(method.checkpoint), device=device)
+    G = None if method.checkpoint is None else load_sr_model(Path(method.checkpoint), device=device)
+    if method.samples > 1 and getattr(G, "deterministic", False):
+        raise ValueError(f"method {method.slug!r}: {method.checkpoint} holds a deterministic model; samples must be 1")
     noise = noise_scale if method.samples > 1 else 0.0
     for lr_path in tqdm(lr_files, desc=f"upscale {method.slug}", unit="img", file=sys.stderr):
         lr = read_rgb8(lr_path)
@@ -299,12 +308,13 @@ def evaluate_stage(*, valid_dir: Path, methods: Sequence[Method], out_dir: Path,
 
     ``valid_dir`` holds hr/<stem>.png and lr/<stem>.png. Each Method with
     ``samples`` > 1 gets seeds 0..samples-1 at ``noise_scale``; one output
-    runs with noise off. Writes out_dir/sr/<slug>/<stem>_s<k>.png (or
-    <stem>.png), out_dir/<slug>.csv and out_dir/methods.json (= ``info``).
+    runs with noise off; a Method with ``sr_dir`` is scored from that folder
+    as it is. Writes out_dir/sr/<slug>/<stem>_s<k>.png (or <stem>.png),
+    out_dir/<slug>.csv and out_dir/methods.json (= ``info``).
     ``metrics`` is {slug: {lpips, lr_psnr, lr_psnr_worst, diversity, psnr,
     ssim, psnr_y, ssim_y, samples, images}}, numbers only (DVC's metrics
     file); ``info`` holds what is not a number: {"lpips": {"pretrained",
-    "weights"}, "methods": [{"slug", "label", "samples", "checkpoint"}]}.
+    "weights"}, "methods": [{"slug", "label", "samples", "checkpoint", "sr_dir"}]}.
     """
     from srmap.utils import atomic_write_json, pick_device
 
@@ -317,8 +327,12 @@ def evaluate_stage(*, valid_dir: Path, methods: Sequence[Method], out_dir: Path,
     lpips = LPIPS(pretrained=lpips_pretrained, device=device)
     metrics = {}
     for method in methods:
-        sr_dir = out_dir / "sr" / method.slug
-        _generate(method, lr_files, sr_dir, noise_scale=noise_scale, tile=tile, tile_pad=tile_pad, device=device)
+        if method.sr_dir is not None:  # released results: scored where they are
+            sr_dir = Path(method.sr_dir)
+        else:
+            sr_dir = out_dir / "sr" / method.slug
+            _generate(method, lr_files, sr_dir, noise_scale=noise_scale, tile=tile, tile_pad=tile_pad,
+                      device=device)
         df = _score_dirs(valid_dir / "hr", sr_dir, method.samples, SCALE, lpips, crop_border, True,
                          desc=f"score {method.slug}")
         write_csv(df, out_dir / f"{method.slug}.csv")
@@ -327,6 +341,7 @@ def evaluate_stage(*, valid_dir: Path, methods: Sequence[Method], out_dir: Path,
                                 "images": summary["images"]}
     info = {"lpips": {"pretrained": lpips.pretrained, "weights": lpips.weights},
             "methods": [{"slug": m.slug, "label": m.label, "samples": m.samples,
-                         "checkpoint": _shown_path(m.checkpoint)} for m in methods]}
+                         "checkpoint": _shown_path(m.checkpoint), "sr_dir": _shown_path(m.sr_dir)}
+                        for m in methods]}
     atomic_write_json(out_dir / "methods.json", info)
     return metrics, info

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 SCALE = 4
 
 
-def _short_keys(keys) -> str:
+def describe_keys(keys) -> str:
     """'N keys: a, b, c, ...' for an error line (never the whole list)."""
     keys = sorted(map(str, keys))
     more = ", ..." if len(keys) > 5 else ""
@@ -65,7 +65,7 @@ def load_generator(path: str | Path, device: str = "cpu") -> Generator:
                          f"training checkpoint with 'gen_config' and 'G'")
     else:
         raise ValueError(f"{path}: not an SRMAP generator (expected format {GENERATOR_FORMAT!r} or the keys "
-                         f"'gen_config' and 'G'); found {_short_keys(ckpt)}")
+                         f"'gen_config' and 'G'); found {describe_keys(ckpt)}")
     if not isinstance(cfg, dict) or not isinstance(state, dict):
         raise ValueError(f"{path}: generator config and weights must both be dicts")
     # A checkpoint saved from a torch.compile'd module prefixes every key.
@@ -119,7 +119,10 @@ def _tiles(G: Generator, lr: torch.Tensor, *, seed: int | None, noise_scale: flo
 
     if lr.ndim != 4 or lr.shape[1] != 3:
         raise ValueError(f"upscale expects lr of shape (N,3,h,w), got {tuple(lr.shape)}")
-    radius = int(G.receptive_radius)
+    # a published model may not know its radius (attention windows): its tiles are approximate by nature
+    radius = None if G.receptive_radius is None else int(G.receptive_radius)
+    if tile_pad is None and radius is None:
+        raise ValueError(f"{G} has no known receptive radius; give tile_pad explicitly")
     tile_pad = radius if tile_pad is None else tile_pad
     if tile < 0 or tile_pad < 0:
         raise ValueError(f"tile and tile_pad must be >= 0, got tile={tile}, tile_pad={tile_pad}")
@@ -130,7 +133,7 @@ def _tiles(G: Generator, lr: torch.Tensor, *, seed: int | None, noise_scale: flo
             _check_finite(y, "for the image")
             yield 0, 0, y
             return
-        if tile_pad < radius:
+        if radius is not None and tile_pad < radius:
             warnings.warn(f"tile_pad={tile_pad} is below the generator's receptive radius ({radius} LR pixels): "
                           "tile seams will differ from the whole-image result", stacklevel=3)
         if seed is None:
@@ -151,8 +154,9 @@ def upscale_tensor(G: Generator, lr: torch.Tensor, *, seed: int | None = None, n
     ``tile`` > 0 processes ``tile``-pixel LR blocks with ``tile_pad`` pixels of
     context (None: ``G.receptive_radius``, the smallest exact pad);
     ``tile_pad < G.receptive_radius`` warns, since tiles are then no longer
-    exact. ``seed=None`` draws one seed from torch's global RNG so all tiles of
-    the call still share the same noise field. The result is stitched on
+    exact (a model whose radius is None needs an explicit ``tile_pad``).
+    ``seed=None`` draws one seed from torch's global RNG so all tiles of the
+    call still share the same noise field. The result is stitched on
     ``lr``'s device; :func:`upscale_image` stitches into a host buffer instead.
     Raises ValueError when any output value is NaN or inf.
     """
@@ -240,7 +244,9 @@ def upscale_command(inputs: Path, out: Path, checkpoint: Path, *, samples: int =
     nothing is written for it: its samples are renamed into place only when
     all of them succeeded. Returns 0 when all files succeeded, 1 when any
     failed, 2 when nothing could start (bad checkpoint, missing input, bad
-    arguments).
+    arguments, ``samples`` > 1 for a deterministic published model).
+    ``checkpoint`` is anything :func:`srmap.models.load_sr_model` reads:
+    an SRMAP generator or training checkpoint, or a published x4 model.
     """
     import torch
     from tqdm import tqdm
@@ -256,7 +262,12 @@ def upscale_command(inputs: Path, out: Path, checkpoint: Path, *, samples: int =
         files = _input_files(inputs)
         if not files:
             raise FileNotFoundError(f"{inputs}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-        G = load_generator(checkpoint, device=device)
+        from srmap.models import load_sr_model
+
+        G = load_sr_model(checkpoint, device=device)
+        if samples > 1 and getattr(G, "deterministic", False):
+            raise ValueError(f"{checkpoint}: a deterministic {G.architecture} model gives one output per image; "
+                             f"--samples must be 1, got {samples}")
     except (FileNotFoundError, ValueError) as exc:
         print(f"srmap upscale: {exc}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import numpy as np
 
@@ -29,7 +29,7 @@ HEADERS = ["LPIPS ↓", "LR-PSNR ↑", "diversity ↑", "PSNR ↑", "SSIM ↑"]
 MEASURED_KEYS = [("lpips", 3), ("lr_psnr", 2), ("diversity", 2), ("psnr", 2), ("ssim", 4)]
 DETAIL_KEYS = ["lpips", "lr_psnr", "lr_psnr_worst", "diversity", "psnr", "ssim", "psnr_y", "ssim_y", "samples",
                "images"]
-PUBLISHED_COLUMNS = ["source", "method", "LPIPS", "LR-PSNR", "diversity"]
+PUBLISHED_COLUMNS = ["slug", "source", "method", "LPIPS", "LR-PSNR", "diversity"]
 NOT_COMPARABLE = "random AlexNet trunk, not comparable"
 # Slugs of the methods Figures 2 and 3 show: the L1 generator and SRMAP.
 L1_SLUG, SRMAP_SLUG = "l1", "srmap"
@@ -98,7 +98,10 @@ def measured_rows(metrics: Mapping[str, Mapping], info: Mapping, profile: str) -
 
 
 def read_published(path: Path) -> list[dict[str, str]]:
-    """Rows of the published-results CSV (columns source, method, LPIPS, LR-PSNR, diversity), strings as written."""
+    """Rows of the published-results CSV (columns slug, source, method, LPIPS, LR-PSNR, diversity), strings as written.
+
+    ``slug`` names the method as metrics.json does, so a row can be matched to a measured one without its label.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: published-results CSV not found")
@@ -112,11 +115,15 @@ def read_published(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def published_rows(path: Path) -> list[dict[str, str]]:
-    """Published rows in Table 2's columns (PSNR/SSIM '—': the sources do not report them)."""
+def published_rows(path: Path, measured_slugs: Collection[str] = ()) -> list[dict[str, str]]:
+    """Published rows in Table 2's columns (PSNR/SSIM '—': the sources do not report them).
+
+    Rows whose slug is in ``measured_slugs`` (baselines this run measured with the published model or its
+    released outputs) are left out: the measured row replaces the copied one.
+    """
     return [{"method": r["method"], "source": r["source"], "LPIPS ↓": r["LPIPS"], "LR-PSNR ↑": r["LR-PSNR"],
              "diversity ↑": r["diversity"], "PSNR ↑": "—", "SSIM ↑": "—", "note": "published, not re-run"}
-            for r in read_published(path)]
+            for r in read_published(path) if r["slug"] not in set(measured_slugs)]
 
 
 def _md_table(rows: list[dict[str, str]], first: str) -> list[str]:
@@ -419,22 +426,47 @@ means over images.</p>
 """
 
 
+def merge_results(baselines: tuple[Mapping, Path] | None, results: Mapping, results_dir: Path) -> tuple[dict, dict]:
+    """One metrics dict and one methods.json dict for Table 2: the baselines stage's rows, then evaluate's.
+
+    ``baselines`` is (metrics, folder holding its methods.json) or None. Raises
+    ValueError when both stages scored a method of the same slug or with
+    different LPIPS weights (their numbers would not be comparable).
+    """
+    info = read_methods(results_dir)
+    if baselines is None:
+        return dict(results), info
+    b_metrics, b_dir = baselines
+    b_info = read_methods(b_dir)
+    if b_info["lpips"] != info["lpips"]:
+        raise ValueError(f"{Path(b_dir) / 'methods.json'}: LPIPS weights {b_info['lpips']['weights']!r} differ from "
+                         f"evaluate's {info['lpips']['weights']!r}; re-run both stages")
+    clash = sorted(set(b_metrics) & set(results))
+    if clash:
+        raise ValueError(f"method {clash[0]!r} is scored by both the baselines and the evaluate stage")
+    return {**b_metrics, **results}, {"lpips": info["lpips"], "methods": b_info["methods"] + info["methods"]}
+
+
 def build_report(*, results: dict, results_dir: Path, valid_dir: Path, loss_csvs: dict, published_csv: Path,
-                 out_dir: Path, crop_size: int, seed: int, profile: str) -> None:
+                 out_dir: Path, crop_size: int, seed: int, profile: str,
+                 baselines: tuple[Mapping, Path] | None = None) -> None:
     """Write table2.md, table2.csv, fig2.png, fig3.png, fig4.png and index.html into ``out_dir``.
 
     ``results`` is evaluate_stage's metrics dict {slug: {metric: number}};
     ``results_dir`` the folder evaluate_stage wrote (methods.json and
-    sr/<slug>/; the figures need the methods 'l1' and 'srmap'); ``valid_dir``
-    holds hr/ and lr/; ``loss_csvs`` maps 'train_gan' (and optionally
-    'pretrain') to loss CSVs. Every file is written atomically.
+    sr/<slug>/; the figures need the methods 'l1' and 'srmap'); ``baselines``
+    the baselines stage's (metrics, folder) whose rows come first and whose
+    slugs drop the copied published rows; ``valid_dir`` holds hr/ and lr/;
+    ``loss_csvs`` maps 'train_gan' (and optionally 'pretrain') to loss CSVs.
+    Every file is written atomically.
     """
     out_dir, valid_dir, results_dir = Path(out_dir), Path(valid_dir), Path(results_dir)
     if not results:
         raise ValueError("results: empty; expected evaluate_stage's {slug: metrics} dict")
-    info = read_methods(results_dir)
+    figure_info = read_methods(results_dir)
+    results, info = merge_results(baselines, results, results_dir)
     measured = measured_rows(results, info, profile)
-    published = published_rows(Path(published_csv))
+    published = published_rows(Path(published_csv), measured_slugs=set(baselines[0]) if baselines else ())
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table2(measured, published, out_dir, profile, info["lpips"]["weights"])
 
@@ -444,8 +476,8 @@ def build_report(*, results: dict, results_dir: Path, valid_dir: Path, loss_csvs
         raise FileNotFoundError(f"{hr_dir}: no HR .png images for the figures")
     hr_images = {p.stem: read_rgb8(p) for p in hr_files}
     figures = {"fig2": out_dir / "fig2.png", "fig3": out_dir / "fig3.png", "fig4": out_dir / "fig4.png"}
-    stem = figure2(info, results_dir, valid_dir, hr_images, crop_size, seed, figures["fig2"])
-    figure3(info, results_dir, hr_images[stem], stem, figures["fig3"])
+    stem = figure2(figure_info, results_dir, valid_dir, hr_images, crop_size, seed, figures["fig2"])
+    figure3(figure_info, results_dir, hr_images[stem], stem, figures["fig3"])
     figure4(loss_csvs, figures["fig4"])
     page = report_html(measured=measured, published=published, metrics=results, info=info, figures=figures,
                        profile=profile, seed=seed, crop_size=crop_size)

@@ -2,11 +2,8 @@
 
 import hashlib
 import io
-import re
 import socket
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -17,58 +14,6 @@ from srmap.download import (ARCHIVES_ENV, ChecksumError, DownloadError, download
                             fetch_archive)
 
 MAXPIX = 1_000_000
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """Serves ``files``; honours ``Range: bytes=N-``; cuts the first response of a name after ``drop[name]`` bytes."""
-
-    files: dict[str, bytes] = {}
-    drop: dict[str, int] = {}
-    log: list[tuple[str, str | None]] = []
-
-    def do_GET(self):  # noqa: N802 (http.server's naming)
-        name = self.path.lstrip("/")
-        self.log.append((name, self.headers.get("Range")))
-        data = self.files.get(name)
-        if data is None:
-            self.send_error(404)
-            return
-        start = 0
-        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        if match:
-            start = int(match.group(1))
-            if start >= len(data):
-                self.send_error(416)
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        cut = self.drop.pop(name, None)
-        if cut is None:
-            self.wfile.write(body)
-            return
-        self.wfile.write(body[:cut])
-        self.wfile.flush()
-        self.close_connection = True
-        self.connection.shutdown(socket.SHUT_RDWR)  # the client sees the body end early
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server():
-    _Handler.files, _Handler.drop, _Handler.log = {}, {}, []
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", _Handler
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def _png(seed: int) -> bytes:

@@ -28,7 +28,10 @@ def test_report_and_metrics_exist_and_are_finite(demo_run: Path):
     for name in ("table2.md", "table2.csv", "fig2.png", "fig3.png", "fig4.png", "index.html"):
         assert (report / name).stat().st_size > 0, name
     metrics = json.loads((demo_run / "results" / "demo" / "metrics.json").read_text())
-    assert list(metrics) == METHODS
+    baselines = json.loads((demo_run / "results" / "demo" / "baselines" / "metrics.json").read_text())
+    assert list(baselines) == ["bicubic"]  # the demo configures no published model (no weights offline)
+    assert list(metrics) == METHODS[1:]
+    metrics = {**baselines, **metrics}
     for method in METHODS:
         assert sorted(metrics[method]) == sorted(KEYS)
         for key, value in metrics[method].items():
@@ -43,7 +46,7 @@ def test_report_and_metrics_exist_and_are_finite(demo_run: Path):
     table = pd.read_csv(report / "table2.csv")
     assert len(table) >= 3
     md = (report / "table2.md").read_text()
-    assert "SRMAP (ours)" in md and "published, not re-run" in md.lower()
+    assert "SRMAP (ours)" in md and "| Bicubic |" in md and "published, not re-run" in md.lower()
     assert f"LPIPS weights: {info['lpips']['weights']}" in md and "not comparable" not in md
 
 
@@ -75,7 +78,8 @@ def test_dvc_metrics_show(demo_run: Path):
     assert proc.returncode == 0, proc.stderr
     shown = json.loads(proc.stdout)
     (data,) = [v["data"] for v in shown.values()]
-    assert sorted(data["results/demo/metrics.json"]["data"]) == METHODS
+    assert sorted(data["results/demo/metrics.json"]["data"]) == ["l1", "srmap"]
+    assert sorted(data["results/demo/baselines/metrics.json"]["data"]) == ["bicubic"]
 
 
 def test_dvc_metrics_diff_between_two_runs(demo_run: Path, tmp_path: Path):
@@ -97,6 +101,8 @@ def test_dvc_metrics_diff_between_two_runs(demo_run: Path, tmp_path: Path):
     rows = [line for line in diff.splitlines() if line.startswith("| results/")]
     names = [line.split("|")[2].strip() for line in rows]
     assert sorted(names) == sorted(f"{m}.{k}" for m in METHODS for k in KEYS), diff  # one row per metric
+    assert all(line.startswith("| results/demo/baselines/metrics.json") == name.startswith("bicubic.")
+               for line, name in zip(rows, names)), diff
     assert all(len(line) < 100 for line in rows), diff
     changed = dvc("metrics", "diff", "base", "calmer", "--md")  # only SRMAP's samples depend on the noise
     assert "srmap.diversity" in changed and "bicubic." not in changed, changed
@@ -126,13 +132,13 @@ def test_mlflow_runs_through_the_client(demo_run: Path):
     assert exp is not None
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
     runs = _runs_by_stage(client, exp.experiment_id)
-    assert {"pretrain", "train_gan", "evaluate"} <= set(runs)
+    assert {"pretrain", "train_gan", "baselines", "evaluate"} <= set(runs)
     # one pipeline run: the stages share the group tag; each run's name starts with its stage
-    assert len({runs[s].data.tags["pipeline_run"] for s in ("pretrain", "train_gan", "evaluate")}) == 1
-    for stage in ("pretrain", "train_gan", "evaluate"):
+    assert len({runs[s].data.tags["pipeline_run"] for s in ("pretrain", "train_gan", "baselines", "evaluate")}) == 1
+    for stage in ("pretrain", "train_gan", "baselines", "evaluate"):
         assert re.fullmatch(rf"{stage}-demo-[0-9a-f]{{8}}", runs[stage].info.run_name)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=demo_run, capture_output=True, text=True).stdout.strip()
-    for stage in ("pretrain", "train_gan", "evaluate"):
+    for stage in ("pretrain", "train_gan", "baselines", "evaluate"):
         run = runs[stage]
         assert run.info.status == "FINISHED"
         assert run.data.tags["profile"] == "demo" and run.data.tags["git_commit"] == head
@@ -142,7 +148,8 @@ def test_mlflow_runs_through_the_client(demo_run: Path):
     artifacts = [a.path for a in client.list_artifacts(runs["train_gan"].info.run_id)]
     assert any("generator" in a for a in artifacts), artifacts
     ev = runs["evaluate"].data.metrics
-    assert {f"{m}/{k}" for m in METHODS for k in KEYS} <= set(ev)
+    assert {f"{m}/{k}" for m in ("l1", "srmap") for k in KEYS} <= set(ev)
+    assert {f"bicubic/{k}" for k in KEYS} <= set(runs["baselines"].data.metrics)
     metrics = json.loads((demo_run / "results" / "demo" / "metrics.json").read_text())
     assert ev["srmap/lpips"] == metrics["srmap"]["lpips"]
     # the training stages log their data as an MLflow dataset input with its fingerprint

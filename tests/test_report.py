@@ -174,3 +174,33 @@ def test_page_renders_in_headless_chromium(tmp_path):
     assert images == 3 and loaded == 3
     assert rows == 3 + 6 + 3  # measured, published, all-numbers tables
     assert "SRMAP (ours)" in proc.stdout and NOT_COMPARABLE in proc.stdout
+
+
+def test_measured_baselines_come_first_and_replace_their_copied_rows(tmp_path):
+    args = _inputs(tmp_path, pretrained=True)
+    bdir = tmp_path / "baselines"
+    bdir.mkdir()
+    info = {"lpips": {"pretrained": True, "weights": JAX_WEIGHTS},
+            "methods": [{"slug": "esrgan", "label": "ESRGAN", "samples": 1, "checkpoint": "esrgan.pth"},
+                        {"slug": "ncsr", "label": "NCSR", "samples": 10, "checkpoint": None, "sr_dir": "x"}]}
+    (bdir / "methods.json").write_text(json.dumps(info))
+    baselines = {"esrgan": _summary(0.1357, 39.0, 0.0, 22.0, 0.6, 1), "ncsr": _summary(0.125, 50.0, 20.0, 23, .6, 10)}
+    build_report(**args, baselines=(baselines, bdir))
+    md = (args["out_dir"] / "table2.md").read_text()
+    measured, published = md.split("## Published, not re-run")
+    rows = [line.split(" | ")[0].lstrip("| ") for line in measured.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["ESRGAN", "NCSR", "Bicubic", "Generator w/ L1 (ours)", "SRMAP (ours)"]
+    assert "| ESRGAN | 0.136 |" in measured
+    # the copied ESRGAN and NCSR rows are gone; the other published rows stay, labelled as such
+    assert "ESRGAN" not in published and "NCSR" not in published
+    assert "RRDB (SRMAP paper, Table 2)" in published and "SRFlow" in published
+
+
+def test_baselines_scored_with_other_lpips_weights_are_refused(tmp_path):
+    args = _inputs(tmp_path, pretrained=True)
+    bdir = tmp_path / "baselines"
+    bdir.mkdir()
+    (bdir / "methods.json").write_text(json.dumps({"lpips": {"pretrained": False, "weights": WEIGHTS_RANDOM},
+                                                   "methods": []}))
+    with pytest.raises(ValueError, match="LPIPS weights"):
+        build_report(**args, baselines=({}, bdir))

@@ -1,4 +1,4 @@
-"""dvc.yaml and the Snakefile must describe the same six stages: names, scripts, inputs, outputs and
+"""dvc.yaml and the Snakefile must describe the same seven stages: names, scripts, inputs, outputs and
 tracked params; their code deps are each stage script's import closure; their outputs are the paths the
 stage scripts write (srmap.config.Paths); and resources stay out of what DVC tracks."""
 
@@ -19,7 +19,7 @@ from conftest import ROOT, tool_env
 from srmap.config import Paths
 from srmap.utils import import_closure
 
-STAGES = ["download", "degrade", "pretrain", "train_gan", "evaluate", "report"]
+STAGES = ["download", "degrade", "pretrain", "train_gan", "baselines", "evaluate", "report"]
 
 
 def dvc_stages(profile: str = "demo") -> dict[str, dict]:
@@ -172,7 +172,9 @@ def _related(path: str, declared: set[str]) -> bool:
 
 
 # Paths a stage reads that no engine declares, and why.
-UNDECLARED = {"data/archives": "optional hand-placed DIV2K zips; verified against srmap/div2k.json instead"}
+UNDECLARED = {"data/archives": "optional hand-placed DIV2K zips; verified against srmap/div2k.json instead",
+              "models/baselines": "official baseline weights, fetched or hand-placed; verified against "
+                                  "srmap/baselines.json (a dep) instead"}
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -192,11 +194,16 @@ def test_paths_name_the_declared_outputs(both):
     both engines; every declared out lies under something Paths names."""
     paths = Paths(ROOT, "demo")
     names = [a for a, v in vars(Paths).items() if isinstance(v, property)]
-    assert set(names) == {"hr", "prepared", "pretrain", "train_gan", "results", "report"}
+    assert set(names) == {"hr", "prepared", "pretrain", "train_gan", "baselines", "results", "report"}
     named = {a: _rel(getattr(paths, a)) for a in names}
+
+    def owner_attr(out: str) -> str:
+        """The most specific Paths folder holding ``out`` (results/demo/baselines/... is Paths.baselines')."""
+        return max((a for a, r in named.items() if out == r or out.startswith(r + "/")), key=lambda a: len(named[a]))
+
     for engine, stages in zip(("dvc.yaml", "Snakefile"), both):
         for attr, rel in named.items():
-            owners = [s for s, st in stages.items() if any(o == rel or o.startswith(rel + "/") for o in st["outs"])]
+            owners = [s for s, st in stages.items() if any(owner_attr(o) == attr for o in st["outs"])]
             assert len(owners) == 1, f"{engine}: Paths.{attr} ({rel}) is written by {owners or 'no stage'}"
         for stage, st in stages.items():
             for out in st["outs"]:
