@@ -35,9 +35,7 @@ def main(ctx: StageContext) -> None:
                                            lpips_pretrained=scoring["lpips_pretrained"], tile=section["tile"],
                                            tile_pad=section["tile_pad"])
         atomic_write_json(ctx.paths.baselines / "metrics.json", metrics)
-        tracker.log_metrics({f"{slug}/{k}": v for slug, leaves in metrics.items() for k, v in leaves.items()})
-        tracker.set_tags({"lpips_weights": info["lpips"]["weights"]})
-        tracker.log_artifact(ctx.paths.baselines / "metrics.json")
+        tracker.log_scores(metrics, info["lpips"]["weights"], ctx.paths.baselines / "metrics.json")
     rows = ", ".join(m["label"] for m in info["methods"])
     print(f"baselines: {rows} scored; metrics in {ctx.paths.baselines / 'metrics.json'}")
 

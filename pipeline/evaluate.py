@@ -35,9 +35,7 @@ def main(ctx: StageContext) -> None:
                                            lpips_pretrained=section["lpips_pretrained"], tile=section["tile"],
                                            tile_pad=section["tile_pad"])
         atomic_write_json(ctx.paths.results / "metrics.json", metrics)
-        tracker.log_metrics({f"{slug}/{k}": v for slug, leaves in metrics.items() for k, v in leaves.items()})
-        tracker.set_tags({"lpips_weights": info["lpips"]["weights"]})
-        tracker.log_artifact(ctx.paths.results / "metrics.json")
+        tracker.log_scores(metrics, info["lpips"]["weights"], ctx.paths.results / "metrics.json")
         tracker.log_artifact(ctx.paths.results / "eval" / "methods.json")
     print(f"evaluate: metrics in {ctx.paths.results / 'metrics.json'} (LPIPS weights: {info['lpips']['weights']})")
 

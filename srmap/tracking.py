@@ -221,6 +221,14 @@ class Tracker:
         if ms:
             self._safe(self._client.log_batch, self.run_id, metrics=ms)
 
+    def log_scores(self, metrics: Mapping[str, Mapping[str, float]], lpips_weights: str,
+                   metrics_file: str | os.PathLike) -> None:
+        """Log a scoring stage's Table 2 rows: ``{slug: {metric: number}}`` as ``<slug>/<metric>``, the LPIPS
+        weight source as the tag ``lpips_weights`` and the DVC metrics file as an artifact."""
+        self.log_metrics({f"{slug}/{k}": v for slug, leaves in metrics.items() for k, v in leaves.items()})
+        self.set_tags({"lpips_weights": lpips_weights})
+        self.log_artifact(metrics_file)
+
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Copy a file into the run's artifacts."""
         if self._client is not None:
