@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's srmap, even without pip install
+from srmap.venv import use_project_venv  # noqa: E402
+
+use_project_venv()  # `.venv/bin/dvc repro` without an activated venv still runs the stages there
 
 from srmap.config import StageContext, stage_main  # noqa: E402
 from srmap.utils import atomic_dir, atomic_write_json  # noqa: E402

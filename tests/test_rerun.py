@@ -95,3 +95,10 @@ def test_forced_repro_and_exp_run_from_a_finished_demo(demo_run: Path, tmp_path)
     assert "Running stage 'train_gan'" in proc.stdout
     assert list((gan / "monitor").glob("step_*.png"))
     assert (clone / "results" / "demo" / "metrics.json").is_file()
+
+
+def test_every_stage_script_switches_to_the_project_venv_first():
+    for script in sorted((ROOT / "pipeline").glob("*.py")):
+        text = script.read_text()
+        assert "use_project_venv()" in text, script.name
+        assert text.index("use_project_venv()") < text.index("from srmap.config import"), script.name
