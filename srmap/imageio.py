@@ -10,9 +10,9 @@ saying what was dropped. :func:`write_png` writes uint8 or uint16 gray, RGB
 or RGBA atomically with the user's umask.
 
 Pillow cannot decode or encode 16-bit colour (it reduces 16-bit RGB(A) PNGs to
-8 bits on read). Those PNGs are decoded by torchvision's libpng binding, imported
-only for such files, and encoded here with zlib; importing this module never
-imports torch.
+8 bits on read). Those PNGs are read and written with pypng (pure Python,
+lossless at any bit depth), imported only for such files; importing this module
+never imports torch.
 """
 
 from __future__ import annotations
@@ -115,19 +115,18 @@ def _deep_colour_png(im: Image.Image) -> bool:
 
 
 def _decode_png16(path: Path) -> np.ndarray:
-    """Decode a 16-bit colour PNG losslessly with torchvision's libpng binding: uint16 HxWxC."""
-    import torch
+    """Decode a 16-bit colour PNG losslessly with pypng: uint16 HxWxC (C = 2, 3 or 4).
 
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its image codecs (in favour of torchcodec) but still ships them; pinned.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import ImageReadMode, decode_png, read_file
+    Raises ValueError naming ``path`` for a truncated or corrupt file.
+    """
+    import png
 
-        try:
-            t = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
-        except RuntimeError as exc:
-            raise ValueError(f"{path}: truncated or corrupt 16-bit PNG ({str(exc).splitlines()[0]})") from exc
-    return t.permute(1, 2, 0).to(torch.int32).numpy().astype(np.uint16)
+    try:
+        width, height, rows, info = png.Reader(filename=str(path)).asDirect()
+        arr = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows])
+    except (png.Error, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: truncated or corrupt 16-bit PNG ({str(exc).splitlines()[0]})") from exc
+    return arr.reshape(height, width, info["planes"])
 
 
 def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
@@ -219,21 +218,14 @@ def read_rgb8(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.n
     return rgb
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+def _encode_png16(path: str | Path, img: np.ndarray) -> None:
+    """Write a uint16 HxWxC array (C = 1..4: gray, gray+alpha, RGB, RGBA) to ``path`` as a 16-bit PNG (pypng)."""
+    import png
 
-
-def _encode_png16(img: np.ndarray) -> bytes:
-    """PNG bytes of a uint16 HxWxC array (C = 1..4; gray, gray+alpha, RGB, RGBA), filter 'Up' on every row."""
     h, w, c = img.shape
-    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
-    rows = np.ascontiguousarray(img, dtype=">u2").view(np.uint8).reshape(h, w * c * 2)
-    up = rows.copy()
-    up[1:] -= rows[:-1]  # PNG filter 2 (Up): byte minus the byte above, modulo 256
-    raw = np.concatenate([np.full((h, 1), 2, np.uint8), up], axis=1)
-    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) + _png_chunk(b"IEND", b""))
+    writer = png.Writer(width=w, height=h, bitdepth=16, greyscale=c <= 2, alpha=c in (2, 4))
+    with open(path, "wb") as f:
+        writer.write(f, np.ascontiguousarray(img).reshape(h, w * c))
 
 
 def save_png(path: str | Path, img: np.ndarray) -> None:
@@ -243,7 +235,7 @@ def save_png(path: str | Path, img: np.ndarray) -> None:
         raise ValueError(f"write_png({path}): expected uint8 or uint16 HxW or HxWxC (C = 1..4), got "
                          f"{img.dtype} {img.shape}")
     if img.dtype == np.uint16:
-        Path(path).write_bytes(_encode_png16(img if img.ndim == 3 else img[:, :, None]))
+        _encode_png16(path, img if img.ndim == 3 else img[:, :, None])
         return
     if img.ndim == 3 and img.shape[2] in (1, 2):
         img = img[:, :, 0] if img.shape[2] == 1 else img
