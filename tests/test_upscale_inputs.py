@@ -239,7 +239,7 @@ def hwm():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
 upscale_image(G, np.zeros((40, 40, 3), np.uint8), seed=0, noise_scale=1.0, tile=32, tile_pad=8, device="cpu")
-lr = np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+lr = np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS to the current RSS
 before = hwm()
 sr = upscale_image(G, lr, seed=0, noise_scale=1.0, tile=32, tile_pad=8, device="cpu")
@@ -254,7 +254,7 @@ def test_tiled_upscale_memory_is_the_output_buffer_plus_a_tile():
         pytest.skip("this kernel does not let a process reset its peak RSS")
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    # SR 1600x1600x3: the uint8 output is 7.3 MiB; one float32 copy of it would be 29 MiB (the old code held two,
-    # 63 MiB here). Beyond the output buffer this measures 15-24 MiB (allocator and peak-RSS noise), so the bound
-    # is the size of one float32 copy: holding any whole-image float buffer again fails it.
-    assert r["extra_mib"] < 4 * r["out_mib"], r
+    # SR 3200x3200x3: the uint8 output is 29 MiB and one float32 copy of it 117 MiB (the old code held two). Beyond
+    # the output buffer, tiles, allocator and peak-RSS noise measure 15-31 MiB at any image size here, so 3x the
+    # output leaves room for that noise while any whole-image float buffer fails it.
+    assert r["extra_mib"] < 3 * r["out_mib"], r
