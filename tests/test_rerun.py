@@ -5,6 +5,7 @@ from a finished pipeline. The stage scripts also run under `.venv/bin/python` wh
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -80,11 +81,13 @@ def test_forced_repro_and_exp_run_from_a_finished_demo(demo_run: Path, tmp_path)
     clone = tmp_path / "srmap"
     shutil.copytree(demo_run, clone, symlinks=True)
     env = tool_env(clone)
-    proc = subprocess.run(["dvc", "repro", "-f", "-s", "train_gan"], cwd=clone, env=env, capture_output=True,
-                          text=True, timeout=1800)
+    proc = subprocess.run(["dvc", "repro", "-f"], cwd=clone, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = re.findall(r"^  (\w+):\n    cmd:", (clone / "dvc.yaml").read_text(), re.M)
+    assert all(f"Running stage '{stage}'" in proc.stdout for stage in stages), proc.stdout[-3000:]
     gan = clone / "models" / "demo" / "train_gan"
-    assert _resumed_from(gan) is None  # forced: retrained from scratch
+    for trained in (clone / "models" / "demo" / "pretrain", gan):
+        assert _resumed_from(trained) is None  # forced: retrained from scratch, not "resumed" at the end
     assert list((gan / "monitor").glob("step_*.png")) and (gan / "generator.pt").is_file()
     subprocess.run(["git", "add", "-A"], cwd=clone, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "finished"], cwd=clone,
