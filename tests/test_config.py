@@ -69,7 +69,7 @@ def test_study_profile_holds_out_the_demo_validation_images():
 def test_unknown_profile(tmp_path):
     doc = _params()
     doc["profile"] = "huge"
-    with pytest.raises(ConfigError, match=r"unknown profile 'huge' \(expected one of: demo, study, paper\)"):
+    with pytest.raises(ConfigError, match=r"unknown profile 'huge' \(expected one of: demo, paper, study\)"):
         load_params(_write(tmp_path, doc))
 
 
