@@ -24,8 +24,9 @@ def _params() -> dict:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-def test_repo_params_are_valid_for_both_profiles():
-    for name in ("demo", "paper"):
+def test_repo_params_are_valid_for_every_profile():
+    assert _params()["profile"] == "demo"  # CI runs the demo
+    for name in ("demo", "study", "paper"):
         profile, section = load_params(ROOT / "params.yaml", name)
         assert profile == name and section["data"]["scale"] == 4
 
@@ -47,10 +48,28 @@ def test_paper_profile_carries_the_papers_settings():
     assert p["data"]["source"] == "div2k" and p["data"]["train"] == [1, 800] and p["data"]["valid"] == [801, 900]
 
 
+def test_study_profile_holds_out_the_demo_validation_images():
+    """docs/study.md's claims rest on these: held-out images, the paper's patch size, pretrained LPIPS."""
+    from srmap.data import SKIMAGE_IMAGES
+
+    _, demo = load_params(ROOT / "params.yaml", "demo")
+    _, s = load_params(ROOT / "params.yaml", "study")
+    d = s["data"]
+    assert d["source"] == "skimage" and d["valid"] == demo["data"]["valid"]
+    assert set(d["train"]) <= set(SKIMAGE_IMAGES)
+    # neither a validation image nor its twin (the other stereo view; the alias of chelsea) in training
+    assert not set(d["train"]) & {*d["valid"], "motorcycle_right", "cat"}
+    assert s["pretrain"]["lr_patch"] == s["train_gan"]["lr_patch"] == 48
+    c = s["model"]["critic"]
+    assert c["basis_size"] * 2 ** len(c["stage_widths"]) == 4 * 48
+    assert s["evaluate"]["lpips_pretrained"] is True and s["evaluate"]["samples"] == 10
+    assert s["baselines"]["models"] == []
+
+
 def test_unknown_profile(tmp_path):
     doc = _params()
     doc["profile"] = "huge"
-    with pytest.raises(ConfigError, match=r"unknown profile 'huge' \(expected one of: demo, paper\)"):
+    with pytest.raises(ConfigError, match=r"unknown profile 'huge' \(expected one of: demo, paper, study\)"):
         load_params(_write(tmp_path, doc))
 
 
@@ -116,7 +135,7 @@ def test_snakemake_rejects_an_unknown_profile_in_one_line():
     proc = subprocess.run(["snakemake", "-n", "--cores", "1", "--config", "profile=huge"], cwd=ROOT,
                           env=tool_env(ROOT), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "snakemake: error: params.yaml: unknown profile 'huge' (expected one of: demo, paper)" in proc.stderr
+    assert "snakemake: error: params.yaml: unknown profile 'huge' (expected one of: demo, study, paper)" in proc.stderr
 
 
 def test_only_scale_4_validates(tmp_path):
@@ -166,7 +185,7 @@ def test_training_sections_are_the_options_records():
 
     for section, cls in (("pretrain", PretrainOptions), ("train_gan", GanOptions)):
         assert list(SCHEMA[section]) == [f.name for f in dataclasses.fields(cls)]
-        for name in ("paper", "demo"):
+        for name in ("paper", "demo", "study"):
             assert set(_params()[name][section]) == set(SCHEMA[section]), (name, section)
     assert SCHEMA["train_gan"]["noise_init"] is OPT_NUM and SCHEMA["train_gan"]["alpha"] is NUM
     assert SCHEMA["pretrain"]["noise"] is bool and SCHEMA["pretrain"]["betas"] is list

@@ -87,10 +87,8 @@ def test_every_stage_tracks_its_params_with_dotted_keys():
 
 
 def test_profiles_write_disjoint_outputs():
-    demo, paper = dvc_stages("demo"), dvc_stages("paper")
-    outs_demo = set().union(*(s["outs"] for s in demo.values()))
-    outs_paper = set().union(*(s["outs"] for s in paper.values()))
-    assert not outs_demo & outs_paper
+    outs = {name: set().union(*(s["outs"] for s in dvc_stages(name).values())) for name in ("demo", "study", "paper")}
+    assert not outs["demo"] & outs["paper"] and not outs["demo"] & outs["study"] and not outs["study"] & outs["paper"]
 
 
 def test_dvc_dag_lists_the_six_stages():
