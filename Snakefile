@@ -212,6 +212,7 @@ rule baselines:
         "srmap/options.py",
         "srmap/tracking.py",
         "srmap/utils.py",
+        "srmap/venv.py",
         "srmap/baselines.json",
         f"data/{PROFILE}/prepared",
     output:
