@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="training steps (pretrain, gan)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/srmap-study-pilot"), help="output folder")
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
-    a = ap.parse_args()
+    a = ap.parse_intermixed_args()  # key=value overrides may follow --steps
 
     from srmap.checkpoint import save_generator
     from srmap.config import load_params
