@@ -49,13 +49,19 @@ def load_generator(path: str | Path, device: str = "cpu") -> Generator:
     for a foreign file (one line: the key count and a few keys), weights that
     do not fit the config, or non-finite weights (a diverged run).
     """
-    import torch
-
-    from srmap.checkpoint import GENERATOR_FORMAT, load_checkpoint
-    from srmap.nets import Generator, generator_config
+    from srmap.checkpoint import load_checkpoint
 
     path = Path(path)
-    ckpt = load_checkpoint(path, map_location="cpu")
+    return generator_from_checkpoint(load_checkpoint(path, map_location="cpu"), path, device)
+
+
+def generator_from_checkpoint(ckpt: dict, path: str | Path, device: str = "cpu") -> Generator:
+    """The generator of an already loaded checkpoint dict (see :func:`load_generator`; ``path`` names it in errors)."""
+    import torch
+
+    from srmap.checkpoint import GENERATOR_FORMAT
+    from srmap.nets import Generator, generator_config
+
     if ckpt.get("format") == GENERATOR_FORMAT:
         cfg, state = ckpt.get("config"), ckpt.get("state_dict")
     elif "gen_config" in ckpt and ("G_ema" in ckpt or "G" in ckpt):

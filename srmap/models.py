@@ -83,7 +83,7 @@ def load_sr_model(path: str | Path, device: str = "cpu"):
     """Load any x4 model a user hands us; returns an SRMAP ``Generator`` or a :class:`PublishedModel`, eval mode.
 
     SRMAP generator files and training checkpoints go to
-    ``srmap.inference.load_generator``; every other file to spandrel (plain
+    ``srmap.inference.generator_from_checkpoint``; every other file to spandrel (plain
     state dicts in the original ESRGAN or BasicSR layout, ``params`` /
     ``params_ema`` wrappers, ``.safetensors``). Files are read without
     running pickled code (``torch.load(weights_only=True)``, safetensors).
@@ -95,7 +95,7 @@ def load_sr_model(path: str | Path, device: str = "cpu"):
     import torch
 
     from srmap.checkpoint import load_checkpoint
-    from srmap.inference import load_generator
+    from srmap.inference import generator_from_checkpoint
 
     path = Path(path)
     if not path.is_file():
@@ -111,7 +111,7 @@ def load_sr_model(path: str | Path, device: str = "cpu"):
     else:
         state = load_checkpoint(path, map_location="cpu")
         if is_srmap_checkpoint(state):
-            return load_generator(path, device=device)
+            return generator_from_checkpoint(state, path, device=device)
     descriptor = _spandrel_descriptor(state, path)
     bad = [k for k, v in descriptor.model.state_dict().items()
            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
@@ -134,7 +134,7 @@ def _spandrel_descriptor(state: Mapping, path: Path):
                          f"({describe_keys(state)})") from None
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise ValueError(f"{path}: looks like {_guess(state)} but its weights do not load ({first})") from None
+        raise ValueError(f"{path}: spandrel recognised its layout but its weights do not load ({first})") from None
     name = descriptor.architecture.name
     if not isinstance(descriptor, ImageModelDescriptor) or descriptor.purpose != "SR":
         raise ValueError(f"{path}: a {name} model for {descriptor.purpose}, not super-resolution")
@@ -142,7 +142,3 @@ def _spandrel_descriptor(state: Mapping, path: Path):
         raise ValueError(f"{path}: a {name} model for x{descriptor.scale}, {descriptor.input_channels}->"
                          f"{descriptor.output_channels} channels; expected x{SCALE} RGB->RGB")
     return descriptor
-
-
-def _guess(state: Mapping) -> str:
-    return "an SR model" if any(str(k).endswith("weight") for k in state) else "a checkpoint"
