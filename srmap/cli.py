@@ -50,6 +50,26 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from srmap.config import load_params
+    from srmap.runs import collect, find, plot_histories, runs_markdown
+    from srmap.tracking import default_tracking_uri
+    from srmap.utils import project_root
+
+    profile = args.profile or load_params(args.params)[0]
+    store = args.store or default_tracking_uri(project_root())
+    runs = collect(store, profile)
+    if args.reference:
+        reference = find(runs, args.reference)
+    else:  # the oldest group that was scored
+        reference = next((r for r in runs if r.scores), runs[0])
+    print(runs_markdown(runs, reference), end="")
+    if args.plot:
+        plot_histories(store, runs, args.plot_metrics, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
 def finite_float(text: str) -> float:
     """argparse type: a float that is not NaN or inf (else one usage line naming the value)."""
     import math
@@ -116,6 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="profile in params.yaml (default: the active one)")
     p.add_argument("--params", type=Path, default=default_params, help="parameters file")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("runs", help="compare a profile's pipeline runs (DVC experiments, ablations) from MLflow",
+                       description="One Markdown row per pipeline run of a profile in the MLflow store (the "
+                                   "'pipeline_run' tag: a DVC experiment's name under 'dvc exp run'): the params "
+                                   "that differ from the reference run, SRMAP's and the L1 generator's held-out "
+                                   "scores from its evaluate stage, and each stage it ran with its wall time and "
+                                   "status. Stages a run reused from the cache are not re-logged, so only params "
+                                   "both runs logged are compared.")
+    p.add_argument("--profile", help="profile whose runs to compare (default: the active one in --params)")
+    p.add_argument("--params", type=Path, default=default_params, help="parameters file (for the active profile)")
+    p.add_argument("--store", help="MLflow tracking URI or mlflow.db path (default: $MLFLOW_TRACKING_URI, else "
+                                   "the project's mlflow.db)")
+    p.add_argument("--reference", help="pipeline run the others are compared with (default: the oldest scored one)")
+    p.add_argument("--plot", type=Path, help="also write a PNG of --plot-metrics against the step, one line per run")
+    p.add_argument("--plot-metrics", nargs="+", default=["fidelity", "critic"],
+                   help="train_gan metrics to plot [fidelity critic]")
+    p.set_defaults(func=_cmd_runs)
 
     p = sub.add_parser("profile", help="switch the active pipeline profile in params.yaml (demo | paper)")
     p.add_argument("name", help="profile name")
