@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Render the MLflow UI's runs table of the `srmap` experiment with headless Chromium into
 # docs/mlflow.png (the README's screenshot). Run after `make demo`.
-# Usage: scripts/screenshot-mlflow.sh [store-uri]   (default: sqlite:///$PWD/mlflow.db)
+# Usage: scripts/screenshot-mlflow.sh [store-uri [out.png [page]]]
+#   store-uri  default sqlite:///$PWD/mlflow.db
+#   out.png    default docs/mlflow.png
+#   page       the UI route after '#/', default the experiment's runs table; e.g. to put runs side by side:
+#              'compare-runs?runs=["<run id>","<run id>"]&experiments=["<experiment id>"]'
 set -euo pipefail
+out="$(realpath -m "${2:-$(dirname "$0")/../docs/mlflow.png}")"  # relative to the caller's folder
 cd "$(dirname "$0")/.."
 store="${1:-sqlite:///$PWD/mlflow.db}"
 case "$store" in sqlite:///*) [ -f "${store#sqlite:///}" ] || {
@@ -25,5 +30,5 @@ exp_id="$(curl -fs "http://127.0.0.1:$port/api/2.0/mlflow/experiments/get-by-nam
 chromium --headless --no-sandbox --disable-gpu --disable-dev-shm-usage --disable-background-networking \
   --disable-component-update --disable-sync --no-first-run --user-data-dir="$work/profile" --hide-scrollbars \
   --window-size=1600,900 --virtual-time-budget=20000 \
-  --screenshot="$PWD/docs/mlflow.png" "http://127.0.0.1:$port/#/experiments/$exp_id?workflowType=machine_learning" >/dev/null 2>&1
-echo "wrote docs/mlflow.png (experiment $exp_id)"
+  --screenshot="$out" "http://127.0.0.1:$port/#/${3:-experiments/$exp_id?workflowType=machine_learning}" >/dev/null 2>&1
+echo "wrote $out (experiment $exp_id)"

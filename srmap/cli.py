@@ -52,7 +52,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 def _cmd_runs(args: argparse.Namespace) -> int:
     from srmap.config import load_params
-    from srmap.runs import collect, find, plot_histories, runs_markdown
+    from srmap.runs import change_label, collect, find, plot_histories, runs_markdown
     from srmap.tracking import default_tracking_uri
     from srmap.utils import project_root
 
@@ -65,7 +65,8 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         reference = next((r for r in runs if r.scores), runs[0])
     print(runs_markdown(runs, reference), end="")
     if args.plot:
-        plot_histories(store, runs, args.plot_metrics, args.plot)
+        plot_histories(store, runs, args.plot_metrics, args.plot,
+                       labels={r.name: change_label(r, reference) for r in runs})
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
@@ -149,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="MLflow tracking URI or mlflow.db path (default: $MLFLOW_TRACKING_URI, else "
                                    "the project's mlflow.db)")
     p.add_argument("--reference", help="pipeline run the others are compared with (default: the oldest scored one)")
-    p.add_argument("--plot", type=Path, help="also write a PNG of --plot-metrics against the step, one line per run")
+    p.add_argument("--plot", type=Path, help="also write a PNG of --plot-metrics against the step, one line per run "
+                                                  "whose train_gan finished")
     p.add_argument("--plot-metrics", nargs="+", default=["fidelity", "critic"],
                    help="train_gan metrics to plot [fidelity critic]")
     p.set_defaults(func=_cmd_runs)

@@ -126,6 +126,15 @@ def changed_params(run: PipelineRun, reference: PipelineRun) -> dict[str, tuple[
             if k in reference.params and reference.params[k] != v}
 
 
+def change_label(run: PipelineRun, reference: PipelineRun) -> str:
+    """A short legend text: ``"<name>: alpha 10200, epochs 3"`` (the changed params' last key parts), or the name."""
+    if run is reference:
+        return f"{run.name} (reference)"
+    diff = changed_params(run, reference)
+    return f"{run.name}: " + ", ".join(f"{k.rsplit('.', 1)[-1]} {new}" for k, (_, new) in diff.items()) if diff \
+        else run.name
+
+
 def _number(value: float | None, digits: int) -> str:
     return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
@@ -173,7 +182,7 @@ def plot_histories(store: str | Path, runs: Sequence[PipelineRun], metrics: Sequ
                    stage: str = "train_gan", labels: Mapping[str, str] | None = None) -> None:
     """Plot each metric's history (against the step) of every group's ``stage`` run on shared axes, one panel each.
 
-    A line per group that ran ``stage``, smoothed by a centred rolling mean
+    A line per group whose ``stage`` run finished (unfinished runs are left out), smoothed by a centred rolling mean
     over 1/20 of its points (the raw values faint behind it); ``labels`` maps
     a group name to its legend text. Written atomically as a PNG at ``out``.
     Raises ValueError when no group ran ``stage`` or none of them logged one of ``metrics``.
@@ -184,9 +193,9 @@ def plot_histories(store: str | Path, runs: Sequence[PipelineRun], metrics: Sequ
     from srmap.report import _plt, _save_figure
 
     client = MlflowClient(tracking_uri=_store_uri(store))
-    with_stage = [r for r in runs if stage in r.stages]
+    with_stage = [r for r in runs if stage in r.stages and r.stages[stage].status == "FINISHED"]
     if not with_stage:
-        raise ValueError(f"no pipeline run has a '{stage}' stage run")
+        raise ValueError(f"no pipeline run has a finished '{stage}' stage run")
     histories = {(metric, run.name): sorted(client.get_metric_history(run.stages[stage].run_id, metric),
                                             key=lambda m: m.step) for metric in metrics for run in with_stage}
     for metric in metrics:

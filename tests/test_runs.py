@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from srmap.cli import main
-from srmap.runs import changed_params, collect, find, runs_markdown
+from srmap.runs import change_label, changed_params, collect, find, runs_markdown
 from srmap.tracking import Tracker
 
 GAN = {"alpha": 2550.0, "r1_gamma": 0.0002, "epochs": 7}
@@ -61,6 +61,7 @@ def test_groups_join_stages_params_and_scores(store):
     assert "`train_gan.alpha` 2550.0 → 10200" in rows["flaky-glen"] and "| 44.00 |" in rows["flaky-glen"]
     assert "train_gan" in rows["beery-rale"] and "(FAILED)" in rows["beery-rale"] and "| — |" in rows["beery-rale"]
     assert "pretrain" not in rows["flaky-glen"].split("|")[-2]  # stages run: train_gan and evaluate only
+    assert change_label(abl, ref) == "flaky-glen: alpha 10200" and change_label(ref, ref) == "nicer-leaf (reference)"
     with pytest.raises(ValueError, match="no pipeline run 'nope' \\(there are: nicer-leaf, beery-rale, flaky-glen"):
         find(runs, "nope")
 
