@@ -6,6 +6,7 @@
 #   out.png    default docs/mlflow.png
 #   page       the UI route after '#/', default the experiment's runs table; e.g. to put runs side by side:
 #              'compare-runs?runs=["<run id>","<run id>"]&experiments=["<experiment id>"]'
+# SCREENSHOT_SIZE=width,height sets the browser window (default 1600,900).
 set -euo pipefail
 out="$(realpath -m "${2:-$(dirname "$0")/../docs/mlflow.png}")"  # relative to the caller's folder
 cd "$(dirname "$0")/.."
@@ -29,6 +30,6 @@ exp_id="$(curl -fs "http://127.0.0.1:$port/api/2.0/mlflow/experiments/get-by-nam
 # browser's last choice, GenAI at first); with that view the experiment kind tag sends it to the runs table.
 chromium --headless --no-sandbox --disable-gpu --disable-dev-shm-usage --disable-background-networking \
   --disable-component-update --disable-sync --no-first-run --user-data-dir="$work/profile" --hide-scrollbars \
-  --window-size=1600,900 --virtual-time-budget=20000 \
+  --window-size="${SCREENSHOT_SIZE:-1600,900}" --virtual-time-budget=20000 \
   --screenshot="$out" "http://127.0.0.1:$port/#/${3:-experiments/$exp_id?workflowType=machine_learning}" >/dev/null 2>&1
 echo "wrote $out (experiment $exp_id)"

@@ -82,9 +82,10 @@ def test_dvc_metrics_show(demo_run: Path):
     assert sorted(data["results/demo/baselines/metrics.json"]["data"]) == ["bicubic"]
 
 
-def test_dvc_metrics_diff_between_two_runs(demo_run: Path, tmp_path: Path):
+def test_dvc_metrics_diff_between_two_runs(demo_run: Path, tmp_path: Path, capsys):
     """Two `dvc exp run`s of the demo (the second with another noise scale): `dvc metrics diff` prints one
-    short row per metric, `dvc exp show --only-changed` stays readable, and MLflow names the runs after them."""
+    short row per metric, `dvc exp show --only-changed` stays readable, MLflow names the runs after them,
+    and `srmap runs` puts the experiment's row next to the pipeline's with the changed parameter."""
     work = tmp_path / "srmap"
     shutil.copytree(demo_run, work, symlinks=True)
     env = tool_env(work, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org", GIT_COMMITTER_NAME="t",
@@ -117,6 +118,18 @@ def test_dvc_metrics_diff_between_two_runs(demo_run: Path, tmp_path: Path):
     assert [r.info.run_name for r in runs] == ["evaluate-calmer"]
     assert runs[0].data.metrics["srmap/lpips"] == pytest.approx(
         json.loads((work / "results" / "demo" / "metrics.json").read_text())["srmap"]["lpips"])
+
+    from srmap.cli import main
+
+    capsys.readouterr()
+    assert main(["runs", "--store", str(work / "mlflow.db"), "--profile", "demo", "--reference", "calmer"]) == 0
+    rows = {line.split(" | ")[0].strip("| `"): line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert len(rows) == 2 and "reference" in rows["calmer"], rows  # `base` re-ran nothing, so logged nothing
+    (first,) = set(rows) - {"calmer"}
+    assert "`evaluate.noise_scale` 0.5 → 1.0" in rows[first], rows
+    assert all(s in rows[first] for s in ("pretrain", "train_gan", "evaluate")), rows
+    lpips = f"{runs[0].data.metrics['srmap/lpips']:.3f}"
+    assert f"| {lpips} |" in rows["calmer"], rows
 
 
 def _runs_by_stage(client, exp_id):
