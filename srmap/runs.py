@@ -13,11 +13,11 @@ metric of every group on shared axes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from srmap.report import _fmt, _plt, _save_figure  # the report's number format and figure helpers
 from srmap.tracking import EXPERIMENT, GROUP_TAG
 
 # (column title, MLflow metric key, printed decimals) of the table's score columns.
@@ -135,16 +135,12 @@ def change_label(run: PipelineRun, reference: PipelineRun) -> str:
         else run.name
 
 
-def _number(value: float | None, digits: int) -> str:
-    return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
 def _stages_cell(run: PipelineRun) -> str:
     order = sorted(run.stages.values(), key=lambda s: (STAGE_ORDER.index(s.stage) if s.stage in STAGE_ORDER
                                                        else len(STAGE_ORDER), s.start_ms))
     cells = []
     for s in order:
-        text = f"{s.stage} {_number(s.minutes, 1)} min" if s.minutes is not None else s.stage
+        text = f"{s.stage} {_fmt(s.minutes, 1)} min" if s.minutes is not None else s.stage
         cells.append(text if s.status == "FINISHED" else f"{text} ({s.status})")
     return ", ".join(cells)
 
@@ -173,7 +169,7 @@ def runs_markdown(runs: Sequence[PipelineRun], reference: PipelineRun,
         else:
             diff = changed_params(run, reference)
             change = ", ".join(f"`{k}` {old} → {new}" for k, (old, new) in diff.items()) or "none"
-        cells = [_number(run.scores.get(key), digits) for _, key, digits in columns]
+        cells = [_fmt(run.scores.get(key), digits) for _, key, digits in columns]
         lines.append("| " + " | ".join([f"`{run.name}`", change] + cells + [_stages_cell(run)]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -189,8 +185,6 @@ def plot_histories(store: str | Path, runs: Sequence[PipelineRun], metrics: Sequ
     """
     import numpy as np
     from mlflow.tracking import MlflowClient
-
-    from srmap.report import _plt, _save_figure
 
     client = MlflowClient(tracking_uri=_store_uri(store))
     with_stage = [r for r in runs if stage in r.stages and r.stages[stage].status == "FINISHED"]
