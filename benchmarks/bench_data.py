@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from srmap.data import PatchDataset, _dihedral, degrade_split  # noqa: E402
+from srmap.data import PatchDataset, _dihedral  # noqa: E402
+from srmap.prepare import degrade_split  # noqa: E402
 from srmap.imageio import write_png  # noqa: E402
 
 

@@ -109,7 +109,7 @@ def official_per_image(gt: np.ndarray, srs: list[np.ndarray], loss_fn, scale: in
 
 def _images(height: int, width: int, samples: int, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
     """A smooth synthetic GT and SR samples that differ from it (and each other) in texture and LR content."""
-    from srmap.degrade import imresize
+    from srmap.resize import imresize
 
     rng = np.random.default_rng(seed)
     base = imresize(rng.random((height // 8 + 1, width // 8 + 1, 3)) * 255, output_size=(height, width))

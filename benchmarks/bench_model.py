@@ -35,16 +35,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from srmap.config import load_params  # noqa: E402
-from srmap.nets import (  # noqa: E402
-    CriticConfig,
-    Critic,
-    Generator,
-    GeneratorConfig,
-    count_params,
-    critic_config,
-    flops_per_patch,
-    generator_config,
-)
+from srmap.nets import Critic, Generator, count_params, flops_per_patch  # noqa: E402
+from srmap.options import CriticConfig, GeneratorConfig  # noqa: E402
 from srmap.utils import project_root  # noqa: E402
 
 
@@ -62,7 +54,7 @@ def load_profile(name: str) -> tuple[GeneratorConfig, CriticConfig, int]:
     """(generator config, critic config, LR training patch) of a params.yaml profile."""
     _, section = load_params(project_root() / "params.yaml", name)
     model = section["model"]
-    return (generator_config(model["generator"]), critic_config(model["critic"]),
+    return (GeneratorConfig(**model["generator"]), CriticConfig(**model["critic"]),
             int(section["train_gan"]["lr_patch"]))
 
 

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from srmap.degrade import contributions, imresize  # noqa: E402
+from srmap.resize import contributions, imresize  # noqa: E402
 
 
 def test_image(height: int = 1356, width: int = 2040) -> np.ndarray:

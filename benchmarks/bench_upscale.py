@@ -59,11 +59,12 @@ def child(profile: str, tile: int, out: Path, height: int, width: int) -> None:
     import yaml
 
     from srmap.inference import upscale_image
-    from srmap.nets import Generator, generator_config
+    from srmap.nets import Generator
+    from srmap.options import GeneratorConfig
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     torch.manual_seed(0)
-    G = Generator(generator_config(params[profile]["model"]["generator"])).eval()
+    G = Generator(GeneratorConfig(**params[profile]["model"]["generator"])).eval()
     pad = G.receptive_radius
     upscale_image(G, np.zeros((24, 24, 3), np.uint8), seed=0, noise_scale=1.0, tile=tile, tile_pad=pad, device="cpu")
     lr = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)

@@ -23,7 +23,7 @@ from srmap.utils import atomic_dir, atomic_write_json  # noqa: E402
 
 def main(ctx: StageContext) -> None:
     from srmap.baselines import baseline_methods
-    from srmap.evaluate import evaluate_stage
+    from srmap.evaluate import evaluate_stage, log_scores
     from srmap.tracking import Tracker
 
     section, scoring = ctx.params["baselines"], ctx.params["evaluate"]
@@ -38,7 +38,7 @@ def main(ctx: StageContext) -> None:
                                            lpips_pretrained=scoring["lpips_pretrained"], tile=section["tile"],
                                            tile_pad=section["tile_pad"])
         atomic_write_json(ctx.paths.baselines / "metrics.json", metrics)
-        tracker.log_scores(metrics, info["lpips"]["weights"], ctx.paths.baselines / "metrics.json")
+        log_scores(tracker, metrics, info["lpips"]["weights"], ctx.paths.baselines / "metrics.json")
     rows = ", ".join(m["label"] for m in info["methods"])
     print(f"baselines: {rows} scored; metrics in {ctx.paths.baselines / 'metrics.json'}")
 

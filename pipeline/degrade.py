@@ -19,7 +19,7 @@ from srmap.utils import atomic_dir  # noqa: E402
 
 
 def main(ctx: StageContext) -> None:
-    from srmap.data import degrade_split
+    from srmap.prepare import degrade_split
 
     data = ctx.params["data"]
     common = dict(scale=data["scale"], workers=data["workers"], max_pixels=data["max_pixels"])

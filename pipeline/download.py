@@ -22,7 +22,7 @@ def main(ctx: StageContext) -> None:
     data = ctx.params["data"]
     with atomic_dir(ctx.paths.hr) as tmp:
         if data["source"] == "skimage":
-            from srmap.data import fetch_skimage
+            from srmap.prepare import fetch_skimage
 
             for split in ("train", "valid"):
                 fetch_skimage(list(data[split]), tmp / split, multiple=data["scale"])

@@ -20,7 +20,7 @@ from srmap.utils import atomic_dir, atomic_write_json  # noqa: E402
 
 
 def main(ctx: StageContext) -> None:
-    from srmap.evaluate import Method, evaluate_stage
+    from srmap.evaluate import Method, evaluate_stage, log_scores
     from srmap.tracking import Tracker
 
     section = ctx.params["evaluate"]
@@ -35,7 +35,7 @@ def main(ctx: StageContext) -> None:
                                            lpips_pretrained=section["lpips_pretrained"], tile=section["tile"],
                                            tile_pad=section["tile_pad"])
         atomic_write_json(ctx.paths.results / "metrics.json", metrics)
-        tracker.log_scores(metrics, info["lpips"]["weights"], ctx.paths.results / "metrics.json")
+        log_scores(tracker, metrics, info["lpips"]["weights"], ctx.paths.results / "metrics.json")
         tracker.log_artifact(ctx.paths.results / "eval" / "methods.json")
     print(f"evaluate: metrics in {ctx.paths.results / 'metrics.json'} (LPIPS weights: {info['lpips']['weights']})")
 

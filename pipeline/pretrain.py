@@ -20,8 +20,7 @@ from srmap.config import StageContext, stage_main  # noqa: E402
 
 
 def main(ctx: StageContext) -> None:
-    from srmap.nets import generator_config
-    from srmap.options import PretrainOptions
+    from srmap.options import GeneratorConfig, PretrainOptions
     from srmap.tracking import Tracker
     from srmap.train import pretrain
 
@@ -32,7 +31,7 @@ def main(ctx: StageContext) -> None:
                  params={"pretrain": section, "model": {"generator": model}}, pipeline_params=ctx.params) as tracker:
         tracker.log_dataset(ctx.paths.prepared / "train", name=f"{ctx.profile}-train")
         out = pretrain(PretrainOptions(**section), data_dir=ctx.paths.prepared / "train", out_dir=ctx.paths.pretrain,
-                       gen_cfg=generator_config(model), tracker=tracker)
+                       gen_cfg=GeneratorConfig(**model), tracker=tracker)
     if rank0:
         print(f"pretrain: generator in {out}")
 

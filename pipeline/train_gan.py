@@ -21,8 +21,7 @@ from srmap.config import StageContext, stage_main  # noqa: E402
 
 
 def main(ctx: StageContext) -> None:
-    from srmap.nets import critic_config, generator_config
-    from srmap.options import GanOptions
+    from srmap.options import CriticConfig, GanOptions, GeneratorConfig
     from srmap.tracking import Tracker
     from srmap.train import train_gan
 
@@ -34,7 +33,7 @@ def main(ctx: StageContext) -> None:
         tracker.log_dataset(ctx.paths.prepared / "train", name=f"{ctx.profile}-train")
         out = train_gan(GanOptions(**section), data_dir=ctx.paths.prepared / "train", out_dir=ctx.paths.train_gan,
                         init_generator=ctx.paths.pretrain / "generator.pt",
-                        gen_cfg=generator_config(model["generator"]), critic_cfg=critic_config(model["critic"]),
+                        gen_cfg=GeneratorConfig(**model["generator"]), critic_cfg=CriticConfig(**model["critic"]),
                         tracker=tracker)
     if rank0:
         print(f"train_gan: generator in {out}")

@@ -31,7 +31,7 @@ PILOT_IMAGES = ("astronaut", "rocket")  # training images of the study profile, 
 
 def _data(work: Path, train: list[str]) -> tuple[Path, Path]:
     """Training patches of the study's images and the pilot's scoring pairs, made once under ``work``."""
-    from srmap.data import degrade_split, fetch_skimage
+    from srmap.prepare import degrade_split, fetch_skimage
 
     train_dir, score_dir = work / "prepared" / "train", work / "prepared" / "score"
     if not (train_dir / "manifest.json").is_file():
@@ -67,14 +67,14 @@ def main() -> None:
     from srmap.checkpoint import save_generator
     from srmap.config import load_params
     from srmap.evaluate import Method
-    from srmap.inference import load_generator
-    from srmap.nets import critic_config, generator_config
+    from srmap.checkpoint import load_generator
+    from srmap.options import CriticConfig, GeneratorConfig
     from srmap.options import GanOptions, PretrainOptions
     from srmap.train import pretrain, train_gan
 
     _, p = load_params(a.params, "study")
     train_dir, score_dir = _data(a.work, p["data"]["train"])
-    gen_cfg = generator_config(p["model"]["generator"])
+    gen_cfg = GeneratorConfig(**p["model"]["generator"])
     l1 = a.work / "pretrain" / "generator.pt"
     short = dict(epochs=1, iters_per_epoch=a.steps, milestones=[1], ckpt_every=a.steps, log_every=50)
     t0 = time.time()
@@ -100,7 +100,7 @@ def main() -> None:
                 **{k: yaml.safe_load(v) for k, v in overrides.items()}}
         out = a.work / f"gan_{name}"
         train_gan(GanOptions(**opts), data_dir=train_dir, out_dir=out, init_generator=l1, gen_cfg=gen_cfg,
-                  critic_cfg=critic_config(p["model"]["critic"]))
+                  critic_cfg=CriticConfig(**p["model"]["critic"]))
         print(f"gan {name}: {a.steps} steps in {time.time() - t0:.0f} s, overrides {overrides}")
         print(f"gan {name}: noise scales {load_generator(out / 'generator.pt').noise_scale_means()}")
         _score([Method("l1", "L1", l1), Method("srmap", name, out / "generator.pt", samples=10)], score_dir,

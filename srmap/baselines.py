@@ -1,6 +1,6 @@
 """Table 2's baselines: the official weights of published models, released result folders, the stage's rows.
 
-(Loading any model file, SRMAP's or a published one, is :mod:`srmap.models`.)
+(Loading any model file, SRMAP's or a published one, is :mod:`srmap.loaders`.)
 
 * :data:`WEIGHTS` (from ``srmap/baselines.json``) records where the official
   RRDB and ESRGAN x4 weights are published and their SHA-256 prefixes;
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-SCALE = 4
+from srmap.options import SCALE
+
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic writes and pickle-safe loading.
+"""Checkpoint files: atomic writes, pickle-safe loading, and the generator file saved and loaded side by side.
 
 Every file is written to a temporary name in the same folder, fsynced and
 renamed over the old one, so a process killed mid-write (SIGKILL, OOM, a
@@ -14,12 +14,15 @@ import dataclasses
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
 
 from srmap.utils import atomic_path
+
+if TYPE_CHECKING:
+    from srmap.nets import Generator
 
 GENERATOR_FORMAT = "srmap-generator/1"
 
@@ -100,3 +103,74 @@ def save_generator(path: str | os.PathLike, G: nn.Module, gen_cfg: Any, meta: Ma
     save_checkpoint(path, {"format": GENERATOR_FORMAT, "config": dataclasses.asdict(gen_cfg),
                            "state_dict": state, "meta": dict(meta)})
 
+
+
+def is_srmap_checkpoint(ckpt: Mapping) -> bool:
+    """True for SRMAP's own files: a generator file (key 'format') or a training checkpoint ('gen_config')."""
+    return "format" in ckpt or "gen_config" in ckpt
+
+
+def describe_keys(keys) -> str:
+    """'N key(s): a, b, c, ...' for an error line (never the whole list)."""
+    keys = sorted(map(str, keys))
+    more = ", ..." if len(keys) > 5 else ""
+    return f"{len(keys)} key(s): {', '.join(keys[:5])}{more}"
+
+
+def load_generator(path: str | os.PathLike, device: str = "cpu") -> "Generator":
+    """Load a generator for inference from a checkpoint file; returns it in eval mode on ``device``, frozen.
+
+    Accepts a ``srmap-generator/1`` file (keys format, config, state_dict) or
+    a training checkpoint such as ``models/<profile>/train_gan/checkpoint.pt``
+    (keys gen_config and G; its EMA generator ``G_ema`` is taken when present).
+    Reads with ``torch.load(weights_only=True)``, so a crafted pickle never
+    runs. Raises FileNotFoundError for a missing file and ValueError naming it
+    for a foreign file (one line: the key count and a few keys), weights that
+    do not fit the config, or non-finite weights (a diverged run).
+    """
+    path = Path(path)
+    return generator_from_checkpoint(load_checkpoint(path, map_location="cpu"), path, device)
+
+
+def generator_from_checkpoint(ckpt: Mapping, path: str | os.PathLike, device: str = "cpu") -> "Generator":
+    """The generator of an already loaded checkpoint dict (see :func:`load_generator`; ``path`` names it in errors)."""
+    from srmap.nets import Generator
+    from srmap.options import GeneratorConfig, from_params
+
+    if ckpt.get("format") == GENERATOR_FORMAT:
+        cfg, state = ckpt.get("config"), ckpt.get("state_dict")
+    elif "gen_config" in ckpt and ("G_ema" in ckpt or "G" in ckpt):
+        cfg, state = ckpt["gen_config"], ckpt["G_ema"] if ckpt.get("G_ema") is not None else ckpt["G"]
+    elif "format" in ckpt:
+        raise ValueError(f"{path}: format is {str(ckpt['format'])[:60]!r}; expected {GENERATOR_FORMAT!r} or a "
+                         f"training checkpoint with 'gen_config' and 'G'")
+    else:
+        raise ValueError(f"{path}: not an SRMAP generator (expected format {GENERATOR_FORMAT!r} or the keys "
+                         f"'gen_config' and 'G'); found {describe_keys(ckpt)}")
+    if not isinstance(cfg, dict) or not isinstance(state, dict):
+        raise ValueError(f"{path}: generator config and weights must both be dicts")
+    # A checkpoint saved from a torch.compile'd module prefixes every key.
+    if state and all(k.startswith("_orig_mod.") for k in state):
+        state = {k[len("_orig_mod."):]: v for k, v in state.items()}
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]!r}); the run that "
+                         f"wrote it diverged: use an earlier checkpoint")
+    try:
+        G = Generator(from_params(GeneratorConfig, cfg, "config"))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}: unusable generator config ({str(exc).splitlines()[0][:200]})") from exc
+    expected = G.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit the stored generator config: {len(missing)} missing "
+                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}) of "
+                         f"{len(state)} keys")
+    wrong = [k for k in expected if not torch.is_tensor(state[k]) or state[k].shape != expected[k].shape]
+    if wrong:
+        k = wrong[0]
+        got = tuple(state[k].shape) if torch.is_tensor(state[k]) else type(state[k]).__name__
+        raise ValueError(f"{path}: weights do not fit the stored generator config: {len(wrong)} tensor(s) of the "
+                         f"wrong shape, e.g. {k!r} is {got}, expected {tuple(expected[k].shape)}")
+    G.load_state_dict(state)
+    return G.to(device).eval().requires_grad_(False)

@@ -9,12 +9,13 @@ from pathlib import Path
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from srmap.config import load_params
-    from srmap.nets import critic_config, generator_config, info_text
+    from srmap.nets import info_text
+    from srmap.options import CriticConfig, GeneratorConfig
 
     profile, params = load_params(args.params, args.profile)
     model = params["model"]
     print(f"profile: {profile}")
-    print(info_text(generator_config(model["generator"]), critic_config(model["critic"]),
+    print(info_text(GeneratorConfig(**model["generator"]), CriticConfig(**model["critic"]),
                     lr_patch=params["train_gan"]["lr_patch"]))
     return 0
 

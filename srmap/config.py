@@ -3,8 +3,9 @@
 Every problem is raised as :class:`ConfigError` with one line that names the
 file and the dotted key, so a stage fails with a message like
 ``params.yaml: missing key 'demo.pretrain.lr' (a number)``. The schema of the
-``pretrain`` and ``train_gan`` sections is derived from the options records in
-:mod:`srmap.options`, which also check each value's range.
+``model.generator``, ``model.critic``, ``pretrain`` and ``train_gan`` sections is
+derived from the records in :mod:`srmap.options`, which also check each value's
+range.
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from srmap.options import GanOptions, OptionError, PretrainOptions
+from srmap.options import SCALE, CriticConfig, GanOptions, GeneratorConfig, OptionError, PretrainOptions
 
 NUM = (int, float)
 OPT_NUM = (int, float, type(None))  # a number or null
 OPT_INT = (int, type(None))  # an integer or null
+# The pipeline's stages, in order; dvc.yaml and the Snakefile define exactly these (tests/test_workflow.py).
+STAGES = ("download", "degrade", "pretrain", "train_gan", "baselines", "evaluate", "report")
 RESOURCES = {"gpus": int, "cpus": int, "mem_mb": int, "runtime": int}  # one stage's cluster request
-# Sections whose keys are the fields of an options record (srmap.options); their schema derives from it.
-OPTIONS = {"pretrain": PretrainOptions, "train_gan": GanOptions}
+# Sections whose keys are the fields of a record (srmap.options); their schema derives from it.
+OPTIONS = {"model.generator": GeneratorConfig, "model.critic": CriticConfig, "pretrain": PretrainOptions,
+           "train_gan": GanOptions}
 
 
 def _yaml_type(hint: Any) -> Any:
@@ -57,25 +61,20 @@ def options_schema(cls: type) -> dict[str, Any]:
 # Expected keys (and types) of each profile section. Nested dicts are sub-schemas.
 SCHEMA: dict[str, Any] = {
     "data": {"source": str, "train": list, "valid": list, "scale": int, "max_pixels": int, "workers": int},
-    "model": {
-        "generator": {"stem_width": int, "feature_widths": list, "blocks_per_stage": list,
-                      "compression": int, "kernel_size": int},
-        "critic": {"basis_size": int, "stage_widths": list, "blocks_per_stage": list, "epilog_width": int,
-                   "latent_width": int, "compression": int, "kernel_size": int},
-    },
-    **{section: options_schema(cls) for section, cls in OPTIONS.items()},
+    "model": {"generator": options_schema(GeneratorConfig), "critic": options_schema(CriticConfig)},
+    "pretrain": options_schema(PretrainOptions),
+    "train_gan": options_schema(GanOptions),
     "evaluate": {"samples": int, "noise_scale": NUM, "crop_border": int, "lpips_pretrained": bool, "tile": int,
                  "tile_pad": int},
     "baselines": {"models": list, "checkpoints": dict, "external": dict, "download": bool, "tile": int,
                   "tile_pad": OPT_INT},
     "report": {"crop_size": int, "seed": int},
     # Read by the Snakefile only; no dvc.yaml stage tracks it (degrade's CPUs follow data.workers).
-    "resources": {stage: RESOURCES for stage in ("download", "pretrain", "train_gan", "baselines", "evaluate",
-                                                 "report")},
+    "resources": {stage: RESOURCES for stage in STAGES if stage != "degrade"},
 }
 # Allowed values. Only x4: the generator, training, evaluation and report are built for 4.
 # (The options records check their own ranges and choices, e.g. train_gan.adv_loss.)
-CHOICES = {"data.source": ("skimage", "div2k"), "data.scale": (4,)}
+CHOICES = {"data.source": ("skimage", "div2k"), "data.scale": (SCALE,)}
 
 
 class ConfigError(ValueError):
@@ -156,11 +155,14 @@ def validate(doc: Any, profile: str | None = None, fname: str = "params.yaml") -
         if section[sec][key] not in allowed:
             expected = f"{allowed[0]!r}" if len(allowed) == 1 else f"one of {allowed}"
             raise ConfigError(f"{fname}: key '{name}.{dotted}' must be {expected}, got {section[sec][key]!r}")
-    for sec, cls in OPTIONS.items():
+    for dotted, cls in OPTIONS.items():
+        node = section
+        for part in dotted.split("."):
+            node = node[part]
         try:
-            cls(**section[sec])
+            cls(**node)
         except OptionError as exc:
-            raise ConfigError(f"{fname}: key '{name}.{sec}.{exc.key}' must be {exc.expected}, "
+            raise ConfigError(f"{fname}: key '{name}.{dotted}.{exc.key}' must be {exc.expected}, "
                               f"got {exc.value!r}") from None
     return name, section
 

@@ -26,10 +26,10 @@ from typing import Collection, Sequence
 
 from tqdm import tqdm
 
+from srmap.imageio import DEFAULT_MAX_PIXELS
 from srmap.utils import atomic_dir, sha256_file
 
 ARCHIVES_ENV = "SRMAP_DIV2K_ARCHIVES"  # folder holding hand-placed DIV2K zips
-DEFAULT_MAX_PIXELS = 40_000_000  # decompression-bomb guard; DIV2K images are at most 2040x2040
 _CHUNK = 1 << 20  # bytes per read/write
 _BYTES_PER_PIXEL = 8  # largest PNG pixel (16-bit RGBA); bounds a member's honest decompressed size
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from srmap.imageio import read_rgb8, write_png
 from srmap.metrics import LPIPS, FidelityReference, diversity_score, lpips_of_maps, lr_psnr_to, ntire_crop
+from srmap.options import SCALE
 from srmap.utils import atomic_path
 
 if TYPE_CHECKING:
@@ -40,7 +41,6 @@ COLUMNS = ["image", "LPIPS_mean", "LRPSNR_mean", "LRPSNR_worst", "score", "PSNR"
 # CSV keeps the NTIRE measure.py / BasicSR names. 'samples' and 'images' complete a method's metrics.
 METRICS = {"lpips": "LPIPS_mean", "lr_psnr": "LRPSNR_mean", "lr_psnr_worst": "LRPSNR_worst", "diversity": "score",
            "psnr": "PSNR", "ssim": "SSIM", "psnr_y": "PSNR_Y", "ssim_y": "SSIM_Y"}
-SCALE = 4
 _SLUG = re.compile(r"[a-z0-9_]+")
 
 
@@ -50,7 +50,7 @@ class Method:
 
     slug: str  # identity: metrics.json key, MLflow prefix, folder/CSV name; [a-z0-9_]+
     label: str  # display label in Table 2 and the figures; never decides behaviour
-    checkpoint: Path | None = None  # any x4 checkpoint srmap.models.load_sr_model reads; None = MATLAB bicubic
+    checkpoint: Path | None = None  # any x4 checkpoint srmap.loaders.load_sr_model reads; None = MATLAB bicubic
     samples: int = 1  # SR outputs per LR image: 1 = deterministic (noise off), N > 1 = seeds 0..N-1
     sr_dir: Path | None = None  # released SR images to score as they are (no checkpoint): NTIRE or _s<k> layout
 
@@ -123,7 +123,7 @@ def ntire_scores(gt_uint8: np.ndarray, samples_uint8: Sequence[np.ndarray], lpip
     a multiple of 8). The GT's LPIPS features and its downscaled copy are
     computed once for all samples.
     """
-    from srmap.degrade import imresize
+    from srmap.resize import imresize
 
     pairs = [ntire_crop(gt_uint8, s) for s in samples_uint8]
     gt = pairs[0][0]
@@ -253,6 +253,15 @@ def evaluate_command(gt, sr, samples, scale, out_csv, lpips_pretrained, device, 
     return 0
 
 
+def log_scores(tracker, metrics: dict, lpips_weights: str, metrics_file: Path) -> None:
+    """Log a scoring stage's Table 2 rows to ``tracker`` (a :class:`srmap.tracking.Tracker`): ``{slug: {metric:
+    number}}`` as metrics ``<slug>/<metric>``, the LPIPS weight source as the tag ``lpips_weights``, and the
+    DVC metrics file as an artifact."""
+    tracker.log_metrics({f"{slug}/{k}": v for slug, leaves in metrics.items() for k, v in leaves.items()})
+    tracker.set_tags({"lpips_weights": lpips_weights})
+    tracker.log_artifact(metrics_file)
+
+
 def _generate(method: Method, lr_files: list[Path], sr_dir: Path, *, noise_scale: float, tile: int,
               tile_pad: int, device: str) -> None:
     """Write each LR image's SR output(s): <stem>.png, or <stem>_s<k>.png for seeds 0..samples-1 at ``noise_scale``.
@@ -261,8 +270,8 @@ def _generate(method: Method, lr_files: list[Path], sr_dir: Path, *, noise_scale
     """
     from tqdm import tqdm
 
-    from srmap.models import load_sr_model
-    from srmap.degrade import imresize
+    from srmap.loaders import load_sr_model
+    from srmap.resize import imresize
     from srmap.inference import upscale_image
 
     G = None if method.checkpoint is None else load_sr_model(Path(method.checkpoint), device=device)

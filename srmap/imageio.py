@@ -28,8 +28,9 @@ from PIL import Image
 
 from srmap.utils import atomic_path
 
-# Pillow's own decompression-bomb warning threshold (about 89.5 Mpx); callers may pass their own limit.
-DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+# The one decompression-bomb limit (Pillow's own warning threshold, about 89.5 Mpx); params.yaml's
+# data.max_pixels overrides it for the pipeline's downloads and degrade stage.
+DEFAULT_MAX_PIXELS = 89_478_485
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _ORIENTATION_TAG = 0x0112
 

@@ -1,4 +1,4 @@
-"""Upscaling with a trained generator: checkpoint loading, tiled inference, the `srmap upscale` command.
+"""Upscaling with a trained generator or a published model: tiled inference and the `srmap upscale` command.
 
 Tiling splits the LR image into ``tile`` x ``tile`` blocks, runs each with
 ``tile_pad`` LR pixels of context on every side (clipped at the image border)
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from srmap.imageio import IMAGE_SUFFIXES, read_image, save_png
+from srmap.options import SCALE
 from srmap.utils import atomic_path
 
 if TYPE_CHECKING:
@@ -28,77 +29,6 @@ if TYPE_CHECKING:
 
     from srmap.nets import Generator
 
-SCALE = 4
-
-
-def describe_keys(keys) -> str:
-    """'N keys: a, b, c, ...' for an error line (never the whole list)."""
-    keys = sorted(map(str, keys))
-    more = ", ..." if len(keys) > 5 else ""
-    return f"{len(keys)} key(s): {', '.join(keys[:5])}{more}"
-
-
-def load_generator(path: str | Path, device: str = "cpu") -> Generator:
-    """Load a generator for inference from a checkpoint file; returns it in eval mode on ``device``, frozen.
-
-    Accepts a ``srmap-generator/1`` file (keys format, config, state_dict) or
-    a training checkpoint such as ``models/<profile>/train_gan/checkpoint.pt``
-    (keys gen_config and G; its EMA generator ``G_ema`` is taken when present).
-    Reads with ``torch.load(weights_only=True)``, so a crafted pickle never
-    runs. Raises FileNotFoundError for a missing file and ValueError naming it
-    for a foreign file (one line: the key count and a few keys), weights that
-    do not fit the config, or non-finite weights (a diverged run).
-    """
-    from srmap.checkpoint import load_checkpoint
-
-    path = Path(path)
-    return generator_from_checkpoint(load_checkpoint(path, map_location="cpu"), path, device)
-
-
-def generator_from_checkpoint(ckpt: dict, path: str | Path, device: str = "cpu") -> Generator:
-    """The generator of an already loaded checkpoint dict (see :func:`load_generator`; ``path`` names it in errors)."""
-    import torch
-
-    from srmap.checkpoint import GENERATOR_FORMAT
-    from srmap.nets import Generator, generator_config
-
-    if ckpt.get("format") == GENERATOR_FORMAT:
-        cfg, state = ckpt.get("config"), ckpt.get("state_dict")
-    elif "gen_config" in ckpt and ("G_ema" in ckpt or "G" in ckpt):
-        cfg, state = ckpt["gen_config"], ckpt["G_ema"] if ckpt.get("G_ema") is not None else ckpt["G"]
-    elif "format" in ckpt:
-        raise ValueError(f"{path}: format is {str(ckpt['format'])[:60]!r}; expected {GENERATOR_FORMAT!r} or a "
-                         f"training checkpoint with 'gen_config' and 'G'")
-    else:
-        raise ValueError(f"{path}: not an SRMAP generator (expected format {GENERATOR_FORMAT!r} or the keys "
-                         f"'gen_config' and 'G'); found {describe_keys(ckpt)}")
-    if not isinstance(cfg, dict) or not isinstance(state, dict):
-        raise ValueError(f"{path}: generator config and weights must both be dicts")
-    # A checkpoint saved from a torch.compile'd module prefixes every key.
-    if state and all(k.startswith("_orig_mod.") for k in state):
-        state = {k[len("_orig_mod."):]: v for k, v in state.items()}
-    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"{path}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]!r}); the run that "
-                         f"wrote it diverged: use an earlier checkpoint")
-    try:
-        G = Generator(generator_config(cfg))
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ValueError(f"{path}: unusable generator config ({str(exc).splitlines()[0][:200]})") from exc
-    expected = G.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit the stored generator config: {len(missing)} missing "
-                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}) of "
-                         f"{len(state)} keys")
-    wrong = [k for k in expected if not torch.is_tensor(state[k]) or state[k].shape != expected[k].shape]
-    if wrong:
-        k = wrong[0]
-        got = tuple(state[k].shape) if torch.is_tensor(state[k]) else type(state[k]).__name__
-        raise ValueError(f"{path}: weights do not fit the stored generator config: {len(wrong)} tensor(s) of the "
-                         f"wrong shape, e.g. {k!r} is {got}, expected {tuple(expected[k].shape)}")
-    G.load_state_dict(state)
-    return G.to(device).eval().requires_grad_(False)
 
 
 def _tile_spans(size: int, tile: int, pad: int) -> list[tuple[int, int, int, int]]:
@@ -217,7 +147,7 @@ def upscale_alpha(alpha: np.ndarray) -> np.ndarray:
     Real-ESRGAN's bicubic alpha upsampler does (transparency is a mask, not
     texture). Values are clipped to the dtype's range and rounded half-to-even.
     """
-    from srmap.degrade import imresize
+    from srmap.resize import imresize
 
     peak = float(np.iinfo(alpha.dtype).max)
     up = imresize(alpha.astype(np.float64) / peak, SCALE)
@@ -251,7 +181,7 @@ def upscale_command(inputs: Path, out: Path, checkpoint: Path, *, samples: int =
     all of them succeeded. Returns 0 when all files succeeded, 1 when any
     failed, 2 when nothing could start (bad checkpoint, missing input, bad
     arguments, ``samples`` > 1 for a deterministic published model).
-    ``checkpoint`` is anything :func:`srmap.models.load_sr_model` reads:
+    ``checkpoint`` is anything :func:`srmap.loaders.load_sr_model` reads:
     an SRMAP generator or training checkpoint, or a published x4 model.
     """
     import torch
@@ -268,7 +198,7 @@ def upscale_command(inputs: Path, out: Path, checkpoint: Path, *, samples: int =
         files = _input_files(inputs)
         if not files:
             raise FileNotFoundError(f"{inputs}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-        from srmap.models import load_sr_model
+        from srmap.loaders import load_sr_model
 
         G = load_sr_model(checkpoint, device=device)
         if samples > 1 and getattr(G, "deterministic", False):

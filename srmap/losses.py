@@ -39,7 +39,7 @@ def l1_loss(sr: Tensor, hr: Tensor) -> Tensor:
     return F.l1_loss(sr.float(), hr.float())
 
 
-def fidelity_loss(lr: Tensor, sr: Tensor, border: int = 0) -> Tensor:
+def fidelity_loss(lr: Tensor, sr: Tensor, border: int = 0, clamp: bool = False) -> Tensor:
     """MAP data term ``|y - bicubic_down(G(y))|`` (report Eq. 4), mean over pixels.
 
     Takes the LR input (N,3,h,w) and the SR output (N,3,4h,4w), float in [0,1];
@@ -47,16 +47,22 @@ def fidelity_loss(lr: Tensor, sr: Tensor, border: int = 0) -> Tensor:
     ``border`` LR pixels at each edge are left out of the mean: for training
     patches cut from a larger image, the resize mirrors at the patch edge
     where the true LR saw the neighbouring pixels (2 for x4: the kernel's
-    support is 16 HR pixels). Returns a float32 scalar >= 0. Call it outside
-    autocast: the resize would otherwise run its convolutions in bf16.
+    support is 16 HR pixels). ``clamp`` scores ``clamp(sr, 0, 1)``, the image
+    evaluation sees, with a straight-through gradient (the clamp's value, the
+    identity's gradient, so saturated pixels still learn). Returns a float32
+    scalar >= 0. Call it outside autocast: the resize would otherwise run its
+    matrix products in bf16.
     """
-    from srmap.degrade import imresize
+    from srmap.resize import imresize
 
     if sr.dim() != 4 or lr.dim() != 4:
         raise ValueError(f"fidelity_loss expects NCHW tensors, got lr {tuple(lr.shape)} and sr {tuple(sr.shape)}")
     if sr.shape[-2:] != (4 * lr.shape[-2], 4 * lr.shape[-1]):
         raise ValueError(f"sr has spatial size {tuple(sr.shape[-2:])}; expected 4x the LR size {tuple(lr.shape[-2:])}")
-    down = imresize(sr.float(), 0.25)
+    sr = sr.float()
+    if clamp:
+        sr = sr + (sr.clamp(0, 1) - sr).detach()
+    down = imresize(sr, 0.25)
     _check_pair("bicubic_down(sr)", down, "lr", lr)
     b = int(border)
     if b < 0 or 2 * b >= min(lr.shape[-2:]):

@@ -220,7 +220,7 @@ class FidelityReference:
 
 
 def _downscale(img: np.ndarray, scale: int) -> np.ndarray:
-    from srmap.degrade import imresize
+    from srmap.resize import imresize
 
     return imresize(img, 1.0 / scale, rounding="half_even")
 

@@ -7,294 +7,35 @@ learned bias), initialisation (fan-in scaled normal with their gains, the last c
 every residual branch at zero) and reflect padding. Both take images in [0, 1] and
 work inside at the authors' 0-255 scale (the generator also shifts by the DIV2K RGB
 mean like their EDSR wrapper), so the authors' loss weights carry over once converted
-(docs/training.md). Our own part is the noise: position-keyed, per channel, at every
-place the authors inject it. ``docs/model.md`` documents all of it.
+(docs/training.md). Our own part is where the noise comes from (:mod:`srmap.noise`: a
+stateless function of image key, injector, channel and global pixel), injected per
+channel at every place the authors inject it. The hyper-parameters are the records
+:class:`~srmap.options.GeneratorConfig` and :class:`~srmap.options.CriticConfig`.
+``docs/model.md`` documents all of it.
+
+Reading order: layers and blocks, then the two models, then their size and cost.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import numbers
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from srmap.noise import NoiseSource, seed_keys
+from srmap.options import CriticConfig, GeneratorConfig
+
 RGB_RANGE = 255.0  # the authors' networks see pixel values in [0, 255] (their option --rgb_range 255)
 RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean their EDSR MeanShift subtracts (fraction of RGB_RANGE)
 ACT_GAIN = math.sqrt(2.0)  # init gain of a layer followed by the biased SiLU (authors' BiasedActivation.Gain)
 
-_M32 = 0xFFFFFFFF
-_GOLDEN32 = 0x9E3779B9  # separates the two uniform streams of Box-Muller
-
-
 # ---------------------------------------------------------------------------
-# Position-keyed noise
-# ---------------------------------------------------------------------------
-
-
-def _mul32(x, c: int):
-    """(x * c) mod 2**32 for 0 <= x, c < 2**32, without ever exceeding int64.
-
-    The constant is split into 16-bit halves so every partial product stays below
-    2**48: signed int64 overflow is undefined behaviour in the C++ kernels.
-    """
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
-
-
-def hash32(x):
-    """Wellons' "lowbias32" integer hash of ``x mod 2**32``; returns values in [0, 2**32).
-
-    Works elementwise on int64 tensors (input left untouched) and on Python ints
-    (the same arithmetic), so the scalar key of (seed, layer) and the per-pixel
-    keys share one definition.
-    """
-    if isinstance(x, Tensor):
-        return _hash32_(x & _M32)
-    x = x & _M32
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def _mul32_(x: Tensor, c: int, tmp: Tensor) -> Tensor:
-    """In-place ``_mul32`` on an int64 tensor, using ``tmp`` as scratch."""
-    torch.mul(x, c >> 16, out=tmp)
-    tmp.bitwise_and_(0xFFFF).bitwise_left_shift_(16)
-    return x.mul_(c & 0xFFFF).add_(tmp).bitwise_and_(_M32)
-
-
-def _hash32_(x: Tensor) -> Tensor:
-    """``hash32`` in place on an int64 tensor already in [0, 2**32).
-
-    In-place with one scratch buffer: on CPU the allocations of the out-of-place
-    form (about 20 full-size temporaries) cost several times the arithmetic.
-    """
-    tmp = torch.empty_like(x)
-    for shift, const in ((16, 0x7FEB352D), (15, 0x846CA68B)):
-        torch.bitwise_right_shift(x, shift, out=tmp)
-        x.bitwise_xor_(tmp)
-        _mul32_(x, const, tmp)
-    torch.bitwise_right_shift(x, 16, out=tmp)
-    return x.bitwise_xor_(tmp)
-
-
-def _seed_key(seed: int) -> int:
-    """Fold a non-negative seed below 2**63 into a 32-bit key."""
-    return hash32(hash32(seed & _M32) + (seed >> 32))
-
-
-def hash_normal(
-    seeds: Sequence[int],
-    channels: int,
-    top: int,
-    left: int,
-    height: int,
-    width: int,
-    device: torch.device | str = "cpu",
-    stream: int = 0,
-) -> Tensor:
-    """Standard-normal noise keyed by position: float32 (len(seeds), channels, height, width).
-
-    Entry [s, c, i, j] is a pure function of (seeds[s], stream, c, top + i, left + j):
-    a counter-based hash of the key gives two 23-bit uniforms in (0, 1), which
-    Box-Muller turns into one N(0, 1) value (tails cut at about 5.7 sigma). Any
-    crop of a large map therefore equals the map of the crop's own coordinates.
-    ``stream`` separates the generator's noise injectors.
-    """
-    seed_keys = torch.tensor([hash32(_seed_key(int(s)) + stream) for s in seeds], dtype=torch.int64, device=device)
-    chans = torch.arange(channels, dtype=torch.int64, device=device)
-    key = _hash32_((seed_keys[:, None] + chans).bitwise_and_(_M32))[:, :, None, None]  # (S, C, 1, 1)
-    rows = torch.arange(top, top + height, dtype=torch.int64, device=device)[:, None]  # (H, 1)
-    cols = torch.arange(left, left + width, dtype=torch.int64, device=device)  # (W,)
-    key = _hash32_((_hash32_((key + rows).bitwise_and_(_M32)) + cols).bitwise_and_(_M32))  # (S, C, H, W)
-    other = _hash32_((key + _GOLDEN32).bitwise_and_(_M32))
-    scale = 2.0**-23
-    # In place from here on: these maps are the size of a whole activation.
-    radius = key.bitwise_right_shift_(9).to(torch.float32).add_(0.5).mul_(scale).log_().mul_(-2.0).sqrt_()
-    angle = other.bitwise_right_shift_(9).to(torch.float32).add_(0.5).mul_(2.0 * math.pi * scale)
-    return radius.mul_(angle.cos_())
-
-
-class NoiseSource:
-    """Where one forward pass takes its noise from; every NoiseInjector asks it for its map.
-
-    seeds=None: torch's global RNG (training; reproducible under torch.manual_seed).
-    rngs=[...]: one torch.Generator per image, drawn in injector order (training).
-    seeds=[...]: position-keyed hash noise, one seed per image (or one for all),
-    a pure function of (seed, injector, channel, global pixel at that injector's
-    resolution); ``origin`` = global LR (top, left) of the input's pixel [0, 0].
-    ``scale`` multiplies every map; scale 0 means no noise at all.
-    """
-
-    def __init__(self, seeds: list[int] | None, scale: float, origin: tuple[int, int],
-                 rngs: Sequence[torch.Generator] | None = None):
-        self.seeds, self.scale, self.origin = seeds, float(scale), (int(origin[0]), int(origin[1]))
-        self.rngs = rngs
-
-    def sample(self, h: Tensor, stream: int, factor: int) -> Tensor | None:
-        """Noise for activation ``h`` (N,C,H,W) at ``factor`` x LR resolution: float32, or None (no noise)."""
-        if self.scale == 0:
-            return None
-        n, c, height, width = h.shape
-        if self.rngs is not None:  # one private stream per image (training: independent of batch split)
-            z = torch.stack([torch.randn((c, height, width), generator=g, device=h.device) for g in self.rngs])
-        elif self.seeds is None:
-            z = torch.randn((n, c, height, width), device=h.device, dtype=torch.float32)
-        else:
-            top, left = self.origin[0] * factor, self.origin[1] * factor
-            z = hash_normal(self.seeds, c, top, left, height, width, h.device, stream=stream)
-        return z if self.scale == 1 else z.mul_(self.scale)
-
-
-NO_NOISE = NoiseSource(None, 0.0, (0, 0))
-
-
-# ---------------------------------------------------------------------------
-# Configurations
-# ---------------------------------------------------------------------------
-
-
-def _pos_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    return int(value)
-
-
-def _int_tuple(value: Any, name: str, length: int | None = None) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ValueError(f"{name}: expected a list of positive integers, got {value!r}")
-    out = tuple(_pos_int(v, f"{name}[{i}]") for i, v in enumerate(value))
-    if length is not None and len(out) != length:
-        raise ValueError(f"{name}: expected {length} entries, got {len(out)} ({list(out)})")
-    if not out:
-        raise ValueError(f"{name}: expected at least one entry, got an empty list")
-    return out
-
-
-def _odd_kernel(value: Any, name: str) -> int:
-    k = _pos_int(value, name)
-    if k % 2 == 0:
-        raise ValueError(f"{name}: expected an odd kernel size (symmetric 'same' padding), got {k}")
-    return k
-
-
-def _check_inner(widths: Sequence[int], compression: int, name: str) -> None:
-    narrow = [w for w in widths if w < compression]
-    if narrow:
-        raise ValueError(f"{name}: {compression} leaves no inner channels for width {narrow[0]} "
-                         f"(inner width = width // compression)")
-
-
-def _check_generator(v: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    out = {
-        "stem_width": _pos_int(v["stem_width"], prefix + "stem_width"),
-        "feature_widths": _int_tuple(v["feature_widths"], prefix + "feature_widths", length=3),
-        "blocks_per_stage": _int_tuple(v["blocks_per_stage"], prefix + "blocks_per_stage"),
-        "compression": _pos_int(v["compression"], prefix + "compression"),
-        "kernel_size": _odd_kernel(v["kernel_size"], prefix + "kernel_size"),
-    }
-    _check_inner((out["stem_width"],) + out["feature_widths"][:2], out["compression"], prefix + "compression")
-    return out
-
-
-def _check_critic(v: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    out = {
-        "basis_size": _pos_int(v["basis_size"], prefix + "basis_size"),
-        "stage_widths": _int_tuple(v["stage_widths"], prefix + "stage_widths"),
-        "blocks_per_stage": _int_tuple(v["blocks_per_stage"], prefix + "blocks_per_stage"),
-        "epilog_width": _pos_int(v["epilog_width"], prefix + "epilog_width"),
-        "latent_width": _pos_int(v["latent_width"], prefix + "latent_width"),
-        "compression": _pos_int(v["compression"], prefix + "compression"),
-        "kernel_size": _odd_kernel(v["kernel_size"], prefix + "kernel_size"),
-    }
-    if len(out["blocks_per_stage"]) != len(out["stage_widths"]):
-        raise ValueError(f"{prefix}blocks_per_stage: expected {len(out['stage_widths'])} entries (one per "
-                         f"stage_widths entry), got {len(out['blocks_per_stage'])}")
-    _check_inner(out["stage_widths"][1:] + (out["epilog_width"],), out["compression"], prefix + "compression")
-    return out
-
-
-@dataclass(frozen=True)
-class GeneratorConfig:
-    """Generator hyper-parameters; defaults = report Table 1 = the authors' x4 ``Generator``. Validated."""
-
-    stem_width: int = 256  # trunk channels at LR (report "Stem Width")
-    feature_widths: tuple[int, ...] = (512, 256, 128)  # aggregated features at LR, x2, x4 (report "Feature Widths")
-    blocks_per_stage: tuple[int, ...] = (16, 16, 16, 16)  # residual blocks of each stage (report: 4 stages x 16)
-    compression: int = 4  # block inner width = width // compression (report "Compression Factor")
-    kernel_size: int = 3  # kernel of every 3x3 conv (report "Receptive Field")
-
-    def __post_init__(self) -> None:
-        checked = _check_generator({f.name: getattr(self, f.name) for f in fields(self)}, "GeneratorConfig.")
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)  # lists from YAML become tuples
-
-    @property
-    def scale(self) -> int:
-        """Magnification: one x2 upsample block per feature width after the first (always 4)."""
-        return 2 ** (len(self.feature_widths) - 1)
-
-
-@dataclass(frozen=True)
-class CriticConfig:
-    """Critic hyper-parameters; defaults = the critic the authors' ``src/loss/Main.py`` builds. Validated."""
-
-    basis_size: int = 3  # side of the last feature map, reduced by the global depthwise conv (authors: 3)
-    stage_widths: tuple[int, ...] = (256, 256, 512, 512, 512, 1024)  # input width of each x2-down stage
-    blocks_per_stage: tuple[int, ...] = (1, 1, 2, 2, 2, 1)  # blocks per stage, the first one downsamples
-    epilog_width: int = 1024  # output width of the last stage
-    latent_width: int = 512  # hidden units of the fully connected head
-    compression: int = 4  # block inner width = width // compression
-    kernel_size: int = 3  # kernel of every 3x3 conv
-
-    def __post_init__(self) -> None:
-        checked = _check_critic({f.name: getattr(self, f.name) for f in fields(self)}, "CriticConfig.")
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)
-
-    @property
-    def in_size(self) -> int:
-        """Side of the square HR patches it scores: basis_size x 2**stages (paper: 3 x 64 = 192)."""
-        return self.basis_size * 2 ** len(self.stage_widths)
-
-
-def _from_mapping(cls, d: Mapping, where: str):
-    if not isinstance(d, Mapping):
-        raise ValueError(f"{where}: expected a mapping of {cls.__name__} keys, got {type(d).__name__}")
-    names = [f.name for f in fields(cls)]
-    unknown = sorted(set(d) - set(names), key=str)
-    if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r} (expected keys: {', '.join(names)})")
-    missing = [n for n in names if n not in d]
-    if missing:
-        raise ValueError(f"{where}: missing key {missing[0]!r}")
-    checker = _check_generator if cls is GeneratorConfig else _check_critic
-    return cls(**checker(d, where + "."))
-
-
-def generator_config(d: Mapping, where: str = "model.generator") -> GeneratorConfig:
-    """GeneratorConfig from a params.yaml mapping (all keys required; lists become tuples).
-
-    An unknown, missing or invalid key raises ValueError naming ``where.<key>``.
-    """
-    return _from_mapping(GeneratorConfig, d, where)
-
-
-def critic_config(d: Mapping, where: str = "model.critic") -> CriticConfig:
-    """CriticConfig from a params.yaml mapping (all keys required; lists become tuples)."""
-    return _from_mapping(CriticConfig, d, where)
-
-
-# ---------------------------------------------------------------------------
-# Layers
+# Layers and blocks
 # ---------------------------------------------------------------------------
 
 
@@ -333,22 +74,26 @@ class BiasedActivation(nn.Module):
 class NoiseInjector(nn.Module):
     """Adds per-channel independent standard-normal noise times a learned per-channel scale (init 0).
 
-    ``stream`` (set by the Generator) keys this injector's position-keyed noise;
-    ``factor`` is its resolution in multiples of the LR input (1, 2 or 4).
+    ``index`` (set by the Generator: its place in forward order) keys this
+    injector's noise; ``factor`` is its resolution in multiples of the LR input
+    (1, 2 or 4).
     """
 
     def __init__(self, channels: int, factor: int):
         super().__init__()
         self.scale = nn.Parameter(torch.zeros(channels))
         self.factor = factor
-        self.stream = 0
+        self.index = 0
 
     def forward(self, h: Tensor, noise: NoiseSource) -> Tensor:
-        """h: (N,C,H,W) -> (N,C,H,W)."""
-        z = noise.sample(h, self.stream, self.factor)  # (N,C,H,W) float32 or None
+        """h: (N,C,H,W) -> h + scale[c] * z, z ~ N(0, 1) from ``noise`` (float32 maps; bf16 stays bf16)."""
+        z = noise.sample(h, self.index, self.factor)  # (N,C,H,W) float32 or None
         if z is None:
             return h
-        return h + (self.scale.view(1, -1, 1, 1) * z).to(h.dtype)  # cast keeps bf16 activations bf16
+        scale = self.scale.view(1, -1, 1, 1)
+        if h.dtype == z.dtype:
+            return torch.addcmul(h, z, scale)  # one pass over the map
+        return h + (scale * z).to(h.dtype)
 
 
 def _lowpass(x: Tensor) -> Tensor:
@@ -446,26 +191,54 @@ class GeneratorUpsampleBlock(nn.Module):
         return x, self.act3(self.noise3(x, noise))
 
 
-# ---------------------------------------------------------------------------
-# Generator
-# ---------------------------------------------------------------------------
+class CriticBlock(nn.Module):
+    """Pre-activation residual block: x + conv(act(conv(act(x)))), no noise."""
+
+    def __init__(self, width: int, compression: int, k: int):
+        super().__init__()
+        inner = width // compression
+        self.conv1 = _conv(width, inner, k, ACT_GAIN)
+        self.conv2 = _conv(inner, width, k, 0.0)
+        self.act1 = BiasedActivation(width)
+        self.act2 = BiasedActivation(inner)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (N,W,H,W') -> (N,W,H,W')."""
+        return x + self.conv2(self.act2(self.conv1(self.act1(x))))
 
 
-def _seed_list(seed: Any, batch: int) -> list[int]:
-    if isinstance(seed, Tensor):
-        seed = seed.tolist()
-    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
-        seeds = [int(seed)]
-    elif isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)):
-        seeds = list(seed)
-        if len(seeds) != batch:
-            raise ValueError(f"seed: got {len(seeds)} seeds for a batch of {batch} (give one int, or one per image)")
-    else:
-        raise ValueError(f"seed: expected None, an int or a sequence of ints, got {seed!r}")
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < 2**63:
-            raise ValueError(f"seed: expected integers in [0, 2**63), got {s!r}")
-    return [int(s) for s in seeds]
+class CriticDownsampleBlock(nn.Module):
+    """x2 down: act -> conv -> act -> blur + pixel unshuffle -> 1x1 -> act -> conv, added to an
+    anti-aliased bilinear x0.5 shortcut (1x1-projected when the width changes)."""
+
+    def __init__(self, cin: int, cout: int, compression: int, k: int):
+        super().__init__()
+        inner = cout // compression
+        self.conv1 = _conv(cin, inner, k, ACT_GAIN)
+        self.conv2 = _conv1x1(4 * inner, inner, ACT_GAIN)
+        self.conv3 = _conv(inner, cout, k, 0.0)
+        self.act1 = BiasedActivation(cin)
+        self.act2 = BiasedActivation(inner)
+        self.act3 = BiasedActivation(inner)
+        self.shortcut = _conv1x1(cin, cout, 1.0) if cin != cout else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (N,Cin,H,W), H and W even -> (N,Cout,H/2,W/2)."""
+        y = self.act2(self.conv1(self.act1(x)))  # (N, I, H, W)
+        y = F.pixel_unshuffle(_lowpass(y), 2)  # (N, 4I, H/2, W/2)
+        y = self.conv3(self.act3(self.conv2(y)))  # (N, Cout, H/2, W/2)
+        # torch has no CPU bf16 kernel for the anti-aliased resize: run it in float32 there.
+        xs = x.float() if x.device.type == "cpu" and x.dtype == torch.bfloat16 else x
+        x = F.interpolate(xs, scale_factor=0.5, mode="bilinear", align_corners=False, antialias=True,
+                          recompute_scale_factor=True).to(x.dtype)
+        if self.shortcut is not None:
+            x = self.shortcut(x)
+        return x + y
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
 
 
 class Generator(nn.Module):
@@ -484,8 +257,8 @@ class Generator(nn.Module):
         self.to_rgb = nn.ModuleList(_conv1x1(f[i + 1], 3, 0.0) for i in range(len(f) - 1))
         # A constant, not state: kept out of checkpoints.
         self.register_buffer("rgb_mean", torch.tensor(RGB_MEAN).view(1, 3, 1, 1) * RGB_RANGE, persistent=False)
-        for stream, inj in enumerate(self.injectors()):
-            inj.stream = stream
+        for index, inj in enumerate(self.injectors()):
+            inj.index = index
 
     def injectors(self) -> list[NoiseInjector]:
         """Every NoiseInjector in forward order (the paper generator has 136)."""
@@ -531,28 +304,27 @@ class Generator(nn.Module):
             hr += step // 2 * (1 + p) + step // 2  # blur and conv3 after the x2; the image's bilinear x2
         return -(-hr // 4)
 
-    def forward(self, y: Tensor, seed=None, noise_scale: float = 1.0, origin: tuple[int, int] = (0, 0),
-                rngs: Sequence[torch.Generator] | None = None) -> Tensor:
+    def forward(self, y: Tensor, seed: Any = None, noise_scale: float = 1.0,
+                origin: tuple[int, int] = (0, 0)) -> Tensor:
         """y: LR float (N,3,h,w) in [0,1] -> SR (N,3,4h,4w) in [0,1] (not clamped).
 
-        seed=None: fresh noise from torch's global RNG (training; reproducible under
-        torch.manual_seed). seed=int (or one int per image): position-keyed hash noise,
-        a pure function of (seed, injector, channel, global pixel at the injector's
-        resolution), where origin=(top, left) are the global LR coordinates of
-        y[..., 0, 0], so a tile gets the same noise as the whole image. noise_scale
-        multiplies all noise; 0 gives the deterministic output. rngs (one
-        torch.Generator per image, on y's device) overrides seed: training draws
-        each image's noise from its own stream, so it does not depend on how a
-        batch is split over processes.
+        ``seed`` picks each image's noise (:mod:`srmap.noise`): an int (one key for
+        every image), one int per image, or an int64 tensor (N,) of keys (training
+        passes :func:`srmap.noise.training_keys`); None draws one fresh key per image
+        from torch's global RNG. ``origin`` = (top, left) are the global LR
+        coordinates of y[..., 0, 0], so a tile gets the noise of the same pixels
+        of the whole image. ``noise_scale`` multiplies all noise; 0 gives the
+        deterministic output. Raises ValueError for a bad input or seed.
         """
         if y.dim() != 4 or y.shape[1] != 3 or not y.is_floating_point():
             raise ValueError(
                 f"Generator input: expected a float LR batch (N,3,h,w) in [0,1], got {y.dtype} {tuple(y.shape)}"
             )
-        seeds = None if seed is None or noise_scale == 0 else _seed_list(seed, y.shape[0])
-        if rngs is not None and len(rngs) != y.shape[0]:
-            raise ValueError(f"rngs: got {len(rngs)} generators for a batch of {y.shape[0]}")
-        noise = NoiseSource(seeds, noise_scale, origin, rngs if noise_scale != 0 else None)
+        keys = None
+        if noise_scale != 0:
+            keys = (torch.randint(0, 2**62, (y.shape[0],), device=y.device) if seed is None
+                    else seed_keys(seed, y.shape[0], y.device))
+        noise = NoiseSource(keys, noise_scale, origin)
         img = y * RGB_RANGE - self.rgb_mean.to(y.dtype)  # (N,3,h,w), the authors' mean-shifted 0-255 input
         x, a, feats = self.stem(img, noise)  # (N,W,h,w) x2, (N,F0,h,w)
         for stage in self.stages:
@@ -564,56 +336,6 @@ class Generator(nn.Module):
             x, a = up(x, a, noise)  # (N,F_{i+1},2^(i+1) h, 2^(i+1) w)
             img = _bilinear_x2(img) + to_rgb(a)
         return (img + self.rgb_mean.to(img.dtype)) / RGB_RANGE  # (N,3,4h,4w)
-
-
-# ---------------------------------------------------------------------------
-# Critic
-# ---------------------------------------------------------------------------
-
-
-class CriticBlock(nn.Module):
-    """Pre-activation residual block: x + conv(act(conv(act(x)))), no noise."""
-
-    def __init__(self, width: int, compression: int, k: int):
-        super().__init__()
-        inner = width // compression
-        self.conv1 = _conv(width, inner, k, ACT_GAIN)
-        self.conv2 = _conv(inner, width, k, 0.0)
-        self.act1 = BiasedActivation(width)
-        self.act2 = BiasedActivation(inner)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (N,W,H,W') -> (N,W,H,W')."""
-        return x + self.conv2(self.act2(self.conv1(self.act1(x))))
-
-
-class CriticDownsampleBlock(nn.Module):
-    """x2 down: act -> conv -> act -> blur + pixel unshuffle -> 1x1 -> act -> conv, added to an
-    anti-aliased bilinear x0.5 shortcut (1x1-projected when the width changes)."""
-
-    def __init__(self, cin: int, cout: int, compression: int, k: int):
-        super().__init__()
-        inner = cout // compression
-        self.conv1 = _conv(cin, inner, k, ACT_GAIN)
-        self.conv2 = _conv1x1(4 * inner, inner, ACT_GAIN)
-        self.conv3 = _conv(inner, cout, k, 0.0)
-        self.act1 = BiasedActivation(cin)
-        self.act2 = BiasedActivation(inner)
-        self.act3 = BiasedActivation(inner)
-        self.shortcut = _conv1x1(cin, cout, 1.0) if cin != cout else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (N,Cin,H,W), H and W even -> (N,Cout,H/2,W/2)."""
-        y = self.act2(self.conv1(self.act1(x)))  # (N, I, H, W)
-        y = F.pixel_unshuffle(_lowpass(y), 2)  # (N, 4I, H/2, W/2)
-        y = self.conv3(self.act3(self.conv2(y)))  # (N, Cout, H/2, W/2)
-        # torch has no CPU bf16 kernel for the anti-aliased resize: run it in float32 there.
-        xs = x.float() if x.device.type == "cpu" and x.dtype == torch.bfloat16 else x
-        x = F.interpolate(xs, scale_factor=0.5, mode="bilinear", align_corners=False, antialias=True,
-                          recompute_scale_factor=True).to(x.dtype)
-        if self.shortcut is not None:
-            x = self.shortcut(x)
-        return x + y
 
 
 class Critic(nn.Module):
@@ -701,7 +423,8 @@ def info_text(gen_cfg: GeneratorConfig, critic_cfg: CriticConfig, lr_patch: int 
     The critic is counted on the HR patch made from one ``lr_patch`` x ``lr_patch``
     LR patch (its ``in_size``); both figures are per patch.
     """
-    lr_patch = _pos_int(lr_patch, "lr_patch")
+    if isinstance(lr_patch, bool) or not isinstance(lr_patch, int) or lr_patch < 1:
+        raise ValueError(f"lr_patch: expected a positive integer, got {lr_patch!r}")
     hr = gen_cfg.scale * lr_patch
     with torch.device("meta"):
         g, d = Generator(gen_cfg), Critic(critic_cfg)

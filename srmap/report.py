@@ -22,6 +22,7 @@ from typing import Any, Collection, Mapping
 import numpy as np
 
 from srmap.imageio import read_rgb8
+from srmap.options import LOSSES, SCALE
 from srmap.utils import atomic_path, atomic_write_text
 
 HEADERS = ["LPIPS ↓", "LR-PSNR ↑", "diversity ↑", "PSNR ↑", "SSIM ↑"]
@@ -33,9 +34,8 @@ PUBLISHED_COLUMNS = ["slug", "source", "method", "LPIPS", "LR-PSNR", "diversity"
 NOT_COMPARABLE = "random AlexNet trunk, not comparable"
 # Slugs of the methods Figures 2 and 3 show: the L1 generator and SRMAP.
 L1_SLUG, SRMAP_SLUG = "l1", "srmap"
-GAN_COLUMNS = ["step", "epoch", "fidelity", "generator", "critic", "r1", "lr_g", "lr_d"]
-PRETRAIN_COLUMNS = ["step", "epoch", "l1", "lr"]
-SCALE = 4
+GAN_COLUMNS = ["step", "epoch", *LOSSES["train_gan"], "lr_g", "lr_d"]  # the losses.csv columns Figure 4 reads
+PRETRAIN_COLUMNS = ["step", "epoch", *LOSSES["pretrain"], "lr"]
 
 
 # ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from srmap.config import STAGES
 from srmap.report import _fmt, _plt, _save_figure  # the report's number format and figure helpers
 from srmap.tracking import EXPERIMENT, GROUP_TAG
 
@@ -25,7 +26,6 @@ SCORE_COLUMNS = [("SRMAP LPIPS ↓", "srmap/lpips", 3), ("SRMAP LR-PSNR ↑", "s
                  ("SRMAP diversity ↑", "srmap/diversity", 2), ("SRMAP PSNR ↑", "srmap/psnr", 2),
                  ("SRMAP SSIM ↑", "srmap/ssim", 4), ("L1 LPIPS ↓", "l1/lpips", 3),
                  ("L1 LR-PSNR ↑", "l1/lr_psnr", 2)]
-STAGE_ORDER = ["download", "degrade", "pretrain", "train_gan", "baselines", "evaluate", "report"]
 
 
 @dataclass
@@ -136,8 +136,8 @@ def change_label(run: PipelineRun, reference: PipelineRun) -> str:
 
 
 def _stages_cell(run: PipelineRun) -> str:
-    order = sorted(run.stages.values(), key=lambda s: (STAGE_ORDER.index(s.stage) if s.stage in STAGE_ORDER
-                                                       else len(STAGE_ORDER), s.start_ms))
+    order = sorted(run.stages.values(), key=lambda s: (STAGES.index(s.stage) if s.stage in STAGES
+                                                       else len(STAGES), s.start_ms))
     cells = []
     for s in order:
         text = f"{s.stage} {_fmt(s.minutes, 1)} min" if s.minutes is not None else s.stage

@@ -147,7 +147,14 @@ class Tracker:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._client is None or self.run_id is None:
             return
-        status = "FINISHED" if exc_type is None else "FAILED"
+        from srmap.utils import Interrupted
+
+        if exc_type is None:
+            status = "FINISHED"
+        elif issubclass(exc_type, (Interrupted, KeyboardInterrupt)):
+            status = "KILLED"  # a signal or Ctrl-C: the stage can be resumed
+        else:
+            status = "FAILED"
         self._safe(self._client.set_terminated, self.run_id, status)
 
     def _start(self) -> None:
@@ -221,14 +228,6 @@ class Tracker:
         if ms:
             self._safe(self._client.log_batch, self.run_id, metrics=ms)
 
-    def log_scores(self, metrics: Mapping[str, Mapping[str, float]], lpips_weights: str,
-                   metrics_file: str | os.PathLike) -> None:
-        """Log a scoring stage's Table 2 rows: ``{slug: {metric: number}}`` as ``<slug>/<metric>``, the LPIPS
-        weight source as the tag ``lpips_weights`` and the DVC metrics file as an artifact."""
-        self.log_metrics({f"{slug}/{k}": v for slug, leaves in metrics.items() for k, v in leaves.items()})
-        self.set_tags({"lpips_weights": lpips_weights})
-        self.log_artifact(metrics_file)
-
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Copy a file into the run's artifacts."""
         if self._client is not None:
@@ -260,6 +259,37 @@ class Tracker:
         for k, v in tags.items():
             if self._client is not None:
                 self._safe(self._client.set_tag, self.run_id, k, str(v))
+
+
+class NullTracker:
+    """A tracker that records nothing: what training gets on ranks other than 0, or without a store.
+
+    Has :class:`Tracker`'s logging methods, so callers never check whether
+    tracking is on.
+    """
+
+    active = False
+
+    def __enter__(self) -> "NullTracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Record nothing."""
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Record nothing."""
+
+    def log_dataset(self, folder: str | os.PathLike, *, name: str, context: str = "training") -> None:
+        """Record nothing."""
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Record nothing."""
+
+
+NULL_TRACKER = NullTracker()
 
 
 def runs_url(root: Path, port: int) -> str:

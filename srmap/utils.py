@@ -11,6 +11,18 @@ from pathlib import Path
 from typing import Any
 
 
+class Interrupted(Exception):
+    """The process was asked to stop by a signal (SIGTERM, SIGINT, SIGUSR1); ``exit_code`` = 128 + the signal.
+
+    The stage scripts and the ``srmap`` command turn it into one line on
+    stderr and that exit status; MLflow marks the run KILLED.
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum, self.exit_code = int(signum), 128 + int(signum)
+
+
 def umask() -> int:
     """The process's file-mode creation mask (e.g. 0o022), read without changing it where /proc allows."""
     try:

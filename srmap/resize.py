@@ -1,4 +1,5 @@
-"""MATLAB-exact bicubic ``imresize`` (numpy and differentiable torch) and ``mod_crop``.
+"""MATLAB-exact bicubic ``imresize`` (numpy and differentiable torch), ``mod_crop``, and the exact consistency
+projection onto the images whose bicubic x1/4 is a given LR image.
 
 The x4 LR images of DIV2K, the fidelity loss ``||y - down(G(y))||_1`` and the
 NTIRE 2021 LR-PSNR all assume MATLAB's ``imresize(x, 1/4, 'bicubic')``:
@@ -305,3 +306,80 @@ def mod_crop(img, multiple: int):
         raise ValueError(f"mod_crop: multiple={multiple}; expected a positive integer")
     h, w = img.shape[:2]
     return img[: h - h % multiple, : w - w % multiple]
+
+
+# ---------------------------------------------------------------------------
+# Consistency projection
+# ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _projector(in_len: int, out_len: int, scale: float, border: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(A, L)`` along one axis, float64: ``A`` = rows ``border:out_len-border`` of :func:`weight_matrix`
+    (m, in_len) and ``L = A^T (A A^T)^-1`` (in_len, m), its right inverse (A L = I)."""
+    A = weight_matrix(in_len, out_len, scale)[border:out_len - border]
+    L = np.linalg.solve(A @ A.T, A).T  # A A^T is symmetric positive definite (banded, 7 diagonals for x1/4)
+    return np.ascontiguousarray(A), np.ascontiguousarray(L)
+
+
+@functools.lru_cache(maxsize=32)
+def _torch_projector(in_len: int, out_len: int, scale: float, border: int, device: Any, dtype: Any):
+    import torch
+
+    return tuple(torch.from_numpy(m).to(device=device, dtype=dtype) for m in _projector(in_len, out_len, scale,
+                                                                                         border))
+
+
+def project_consistent(x, lr, *, scale: int = 4, border: int = 0):
+    """Orthogonal projection of ``x`` onto the images whose MATLAB bicubic x1/``scale`` equals ``lr``.
+
+    ``x``: float (N, C, H, W) torch tensor in [0, 1] (float32 or float64, any
+    device, any H and W); ``lr``: (N, C, ceil(H/scale), ceil(W/scale)), same
+    dtype and device. With D = A_h (x) A_w the resize of :func:`imresize` (the
+    fidelity loss's and LR-PSNR's D, per channel),
+
+        P(x) = x - A_h^T (A_h A_h^T)^-1 (A_h X A_w^T - Y) (A_w A_w^T)^-1 A_w,
+
+    so D P(x) = y, P(P(x)) = P(x), x - P(x) lies in D's row space and P(x) = x
+    when x is already consistent. This is the consistency-enforcing module of
+    Bahat & Michaeli ("Explorable Super Resolution", CVPR 2020), which inverts
+    approximately in the Fourier domain; here the inverse is exact (A A^T is
+    banded and well conditioned). ``border`` > 0 constrains only the LR rows
+    and columns ``border:-border`` (training patches, whose outer LR pixels
+    saw context outside the HR patch). Differentiable; the result is not
+    clamped (see :func:`project_consistent_box`). Raises ValueError for
+    mismatched shapes.
+    """
+    import torch
+
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(f"project_consistent: x must be a float (N, C, H, W) tensor, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    h, w = (int(math.ceil(n / scale)) for n in x.shape[-2:])
+    if tuple(lr.shape) != (*x.shape[:2], h, w):
+        raise ValueError(f"project_consistent: lr has shape {tuple(lr.shape)}; expected {(*x.shape[:2], h, w)} "
+                         f"(x {tuple(x.shape)} downscaled x1/{scale})")
+    b = int(border)
+    if b < 0 or 2 * b >= min(h, w):
+        raise ValueError(f"project_consistent: border {border} leaves nothing of a {h}x{w} LR image")
+    A_h, L_h = _torch_projector(int(x.shape[-2]), h, 1.0 / scale, b, x.device, x.dtype)
+    A_w, L_w = _torch_projector(int(x.shape[-1]), w, 1.0 / scale, b, x.device, x.dtype)
+    y = lr.to(x.dtype)[..., b:h - b, b:w - b]
+    residual = A_h @ x @ A_w.T - y  # (N, C, m_h, m_w)
+    return x - L_h @ residual @ L_w.T  # (N, C, H, W)
+
+
+def project_consistent_box(x, lr, *, scale: int = 4, iterations: int = 10):
+    """Alternating projections between the consistent images (:func:`project_consistent`) and the [0, 1] box.
+
+    ``iterations`` rounds of ``x <- clamp(P(x), 0, 1)`` (von Neumann / POCS; both
+    sets are convex and, for an LR made from a [0, 1] image, intersect), so the
+    result is a valid image that, after uint8 rounding, stays consistent to
+    tens of dB more than a single projection followed by clamping. Same
+    arguments as :func:`project_consistent` (``border`` 0); returns float in [0, 1].
+    """
+    if int(iterations) < 1:
+        raise ValueError(f"project_consistent_box: iterations must be >= 1, got {iterations}")
+    for _ in range(int(iterations)):
+        x = project_consistent(x, lr, scale=scale).clamp(0, 1)
+    return x

@@ -16,10 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from srmap.checkpoint import describe_keys, generator_from_checkpoint, is_srmap_checkpoint, load_checkpoint
+from srmap.options import SCALE
+
 if TYPE_CHECKING:
     import torch
 
-SCALE = 4
 
 
 class PublishedModel:
@@ -74,16 +76,11 @@ def _receptive_radius(descriptor: Any) -> int | None:
     return 15 * int(hp["num_blocks"]) + 4
 
 
-def is_srmap_checkpoint(ckpt: Mapping) -> bool:
-    """True for SRMAP's own files: a generator file (key 'format') or a training checkpoint ('gen_config')."""
-    return "format" in ckpt or "gen_config" in ckpt
-
-
 def load_sr_model(path: str | Path, device: str = "cpu"):
     """Load any x4 model a user hands us; returns an SRMAP ``Generator`` or a :class:`PublishedModel`, eval mode.
 
     SRMAP generator files and training checkpoints go to
-    ``srmap.inference.generator_from_checkpoint``; every other file to spandrel (plain
+    ``srmap.checkpoint.generator_from_checkpoint``; every other file to spandrel (plain
     state dicts in the original ESRGAN or BasicSR layout, ``params`` /
     ``params_ema`` wrappers, ``.safetensors``). Files are read without
     running pickled code (``torch.load(weights_only=True)``, safetensors).
@@ -93,9 +90,6 @@ def load_sr_model(path: str | Path, device: str = "cpu"):
     non-finite weights.
     """
     import torch
-
-    from srmap.checkpoint import load_checkpoint
-    from srmap.inference import generator_from_checkpoint
 
     path = Path(path)
     if not path.is_file():
@@ -124,8 +118,6 @@ def load_sr_model(path: str | Path, device: str = "cpu"):
 def _spandrel_descriptor(state: Mapping, path: Path):
     """spandrel's ImageModelDescriptor for ``state``; ValueError naming ``path`` if unusable here."""
     from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError
-
-    from srmap.inference import describe_keys
 
     try:
         descriptor = ModelLoader().load_from_state_dict(dict(state))
