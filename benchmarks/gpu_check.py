@@ -1,7 +1,10 @@
 """One prepared GPU check of SRMAP's CUDA path: speed, memory and a short real training run.
 
     python benchmarks/gpu_check.py                      # one H100/H200: < 8 min, writes gpu_check.json
-    python benchmarks/gpu_check.py --dry-run            # CPU, tiny shapes, ~1 min: same JSON keys (CI)
+
+This file only measures. Its CPU test, tests/test_gpu_check.py, calls
+:func:`run_checks` in-process with tiny networks and shapes and checks that
+every JSON key is written and every item is sane.
 
 Items (JSON key: what):
 
@@ -12,8 +15,9 @@ Items (JSON key: what):
 * ``gan_step``: the real ``srmap.train.train_gan`` loop at batch 64 = 32 + 32
   (G step, critic step with R1, EMA update, loss all-reduce and skip guard),
   eager and compiled G: steps/s from the loop's own step timer, MFU, peak memory.
-* ``noise``: the position-keyed hash noise's share of a generator forward
-  (against the same forward with the noise off, and with ``torch.randn`` noise).
+* ``noise``: the stateless noise's share of a generator forward (srmap.noise,
+  the one noise of training and sampling), against the same forward with the
+  noise off; ``torch.randn`` noise of the same shapes is timed as a reference.
 * ``upscale``: a 510x339 -> 2040x1356 output, whole and tiled (the paper
   profile's tile / tile_pad): seconds, peak memory, max difference.
 * ``ntire``: NTIRE 2021 scoring (LPIPS, LR-PSNR, diversity, PSNR/SSIM) of one
@@ -48,19 +52,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_model import interleaved, matmul_call, sync  # noqa: E402
 from srmap.config import load_params  # noqa: E402
-from srmap.nets import Generator, critic_config, flops_per_patch, generator_config  # noqa: E402
+from srmap.nets import Generator, flops_per_patch  # noqa: E402
+from srmap.options import CriticConfig, GeneratorConfig  # noqa: E402
 from srmap.utils import atomic_write_json, project_root  # noqa: E402
 
-# The dry run's tiny networks (critic in_size 32 = 4 x lr_patch 8).
-TINY_G = {"stem_width": 8, "feature_widths": [8, 8, 8], "blocks_per_stage": [1], "compression": 4, "kernel_size": 3}
-TINY_C = {"basis_size": 2, "stage_widths": [4, 8, 8, 8], "blocks_per_stage": [1, 1, 1, 1], "epilog_width": 8,
-          "latent_width": 8, "compression": 4, "kernel_size": 3}
 KEYS = ("meta", "matmul", "generator", "gan_step", "noise", "upscale", "ntire", "training")
 
 
 @dataclass(frozen=True)
 class Shapes:
-    """Sizes of one check run (full on a GPU, tiny for --dry-run)."""
+    """Sizes of one check run (FULL on a GPU; the CPU test passes tiny ones)."""
 
     matmul: int  # n of the n^3 bf16 matmul
     half: int  # patches per batch half (G's forward+backward batch; the GAN batch is 2 x half)
@@ -76,8 +77,6 @@ class Shapes:
 
 FULL = Shapes(matmul=8192, half=32, iters=10, warmup=3, gan_steps=60, log_every=20, gt_size=(2040, 1356), samples=10,
               train_steps=300, workers=8)
-DRY = Shapes(matmul=256, half=2, iters=2, warmup=1, gan_steps=4, log_every=2, gt_size=(64, 48), samples=10,
-             train_steps=3, workers=0)
 
 
 class StepTimer:
@@ -95,7 +94,7 @@ class StepTimer:
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on ``device`` (CPU too: the dry run takes the same path)."""
+    """bf16 autocast on ``device`` (CPU too: the CPU test takes the same path)."""
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
@@ -120,8 +119,6 @@ def check_matmul(device: torch.device, s: Shapes) -> dict:
 
 def check_generator(device: torch.device, g_cfg, lr_patch: int, s: Shapes, peak_tflops: float) -> dict:
     """Generator forward+backward at ``s.half`` patches, bf16 + channels_last, eager vs compiled."""
-    from srmap.train import noise_rngs
-
     torch.manual_seed(0)
     base = Generator(g_cfg).to(device).to(memory_format=torch.channels_last)
     base.set_noise_scales(1.0)
@@ -131,11 +128,11 @@ def check_generator(device: torch.device, g_cfg, lr_patch: int, s: Shapes, peak_
     for name in ("eager", "compiled"):
         net = copy.deepcopy(base)
         run = torch.compile(net) if name == "compiled" else net
-        rngs = noise_rngs(0, range(s.half), device)
+        keys = torch.arange(s.half, device=device)  # per-sample noise keys, as training passes them
 
-        def step(run=run, rngs=rngs):
+        def step(run=run, keys=keys):
             with autocast(device):
-                sr = run(y, rngs=rngs)
+                sr = run(y, seed=keys)
             sr.float().mean().backward()
 
         reset_peak(device)
@@ -152,7 +149,7 @@ def check_generator(device: torch.device, g_cfg, lr_patch: int, s: Shapes, peak_
 
 
 def check_noise(device: torch.device, g_cfg, lr_patch: int, s: Shapes) -> dict:
-    """Share of a no-grad bf16 generator forward spent on noise: hash (evaluation) and randn (training)."""
+    """Share of a no-grad bf16 generator forward spent on the stateless noise; ``torch.randn`` as a reference."""
     torch.manual_seed(0)
     G = Generator(g_cfg).to(device).to(memory_format=torch.channels_last).eval()
     G.set_noise_scales(1.0)
@@ -164,12 +161,23 @@ def check_noise(device: torch.device, g_cfg, lr_patch: int, s: Shapes) -> dict:
                 G(y, **kw)
         return call
 
-    times = interleaved({"off": fwd(noise_scale=0.0), "hash": fwd(seed=0), "randn": fwd(seed=None)},
+    def randn_noise():  # the same forward with torch.randn in place of the bank lookups (reference only)
+        from srmap import noise
+
+        real = noise.noise_map
+        noise.noise_map = lambda keys, injector, c, top, left, h, w: torch.randn(
+            len(keys), c, h, w, device=keys.device)
+        try:
+            fwd(seed=0)()
+        finally:
+            noise.noise_map = real
+
+    times = interleaved({"off": fwd(noise_scale=0.0), "stateless": fwd(seed=0), "randn": randn_noise},
                         s.iters, s.warmup, device.type)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"batch": s.half, "injectors": len(G.injectors()), "forward_no_noise_s": med["off"],
-            "forward_hash_s": med["hash"], "forward_randn_s": med["randn"],
-            "hash_share": 1 - med["off"] / med["hash"], "randn_share": 1 - med["off"] / med["randn"]}
+            "forward_noise_s": med["stateless"], "forward_randn_s": med["randn"],
+            "noise_share": 1 - med["off"] / med["stateless"], "randn_share": 1 - med["off"] / med["randn"]}
 
 
 def make_gt(size: tuple[int, int]) -> np.ndarray:
@@ -229,7 +237,7 @@ def check_ntire(device: torch.device, G: Generator, lr: torch.Tensor, gt: np.nda
 
 def prepare_data(root: Path, names: list[str], scale: int) -> Path:
     """The demo's training images (bundled with scikit-image) as a prepared training folder under ``root``."""
-    from srmap.data import degrade_split, fetch_skimage
+    from srmap.prepare import degrade_split, fetch_skimage
 
     fetch_skimage(names, root / "hr_png", multiple=scale)
     degrade_split(root / "hr_png", root / "train", scale=scale, fmt="npy", workers=1, max_pixels=40_000_000,
@@ -329,7 +337,7 @@ def table(result: dict) -> str:
             lines.append(f"{label + ' batch ' + str(r[key]['batch']) + ', ' + mode:44s} "
                          f"{m['steps_per_s']:.2f} step/s, {m['tflops']:.1f} TFLOP/s, MFU {100 * m['mfu']:.1f}%{mem}")
     n = r["noise"]
-    lines.append(f"{'noise share of G forward (hash / randn)':44s} {100 * n['hash_share']:.1f}% / "
+    lines.append(f"{'noise share of G forward (stateless / randn)':44s} {100 * n['noise_share']:.1f}% / "
                  f"{100 * n['randn_share']:.1f}%")
     u = r["upscale"]
     lines.append(f"{'upscale to ' + 'x'.join(map(str, u['sr_size'])) + ' whole / tiled':44s} "
@@ -347,38 +355,26 @@ def table(result: dict) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dry-run", action="store_true", help="CPU, tiny networks and shapes: checks the script (CI)")
     p.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="JSON output (default: %(default)s)")
-    p.add_argument("--profile", default="paper", help="params.yaml profile of the full run (default: %(default)s)")
+    p.add_argument("--profile", default="paper", help="params.yaml profile to measure (default: %(default)s)")
     args = p.parse_args(argv)
-    if not args.dry_run and not torch.cuda.is_available():
-        p.error("no CUDA device is visible to torch (use --dry-run to check the script on CPU)")
+    if not torch.cuda.is_available():
+        p.error("no CUDA device is visible to torch (tests/test_gpu_check.py checks this script on CPU)")
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run every check, write the JSON, print the table; returns the result."""
-    args = parse_args(argv)
+def run_checks(device: torch.device, s: Shapes, g_cfg: GeneratorConfig, c_cfg: CriticConfig, section: dict,
+               ev: dict, meta: dict) -> dict:
+    """Every item on ``device`` at sizes ``s``; returns the result dict (keys :data:`KEYS`).
+
+    ``section`` is a profile's train_gan section (its ``lr_patch`` sets the
+    patch size), ``ev`` its evaluate section (``tile``, ``tile_pad``), ``meta``
+    the run's description (device name, command, ...), completed with the time.
+    """
     start = time.perf_counter()
-    root = project_root()
-    _, demo = load_params(root / "params.yaml", "demo")
-    if args.dry_run:
-        device, s = torch.device("cpu"), DRY
-        g_cfg, c_cfg, lr_patch = generator_config(TINY_G), critic_config(TINY_C), 8
-        _, prof = load_params(root / "params.yaml", args.profile)
-        section, ev = dict(prof["train_gan"], lr_patch=lr_patch), {"tile": 8, "tile_pad": None}
-    else:
-        device, s = torch.device("cuda"), FULL
-        torch.backends.cudnn.benchmark = True
-        _, prof = load_params(root / "params.yaml", args.profile)
-        g_cfg, c_cfg = generator_config(prof["model"]["generator"]), critic_config(prof["model"]["critic"])
-        section, ev = dict(prof["train_gan"]), prof["evaluate"]
-        lr_patch = int(section["lr_patch"])
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result: dict = {"meta": {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
-                             "dry_run": args.dry_run, "profile": args.profile,
-                             "command": " ".join(["python", "benchmarks/gpu_check.py", *(argv or sys.argv[1:])])}}
-    print(f"gpu_check on {name}, torch {torch.__version__}" + (" (dry run)" if args.dry_run else ""), flush=True)
+    _, demo = load_params(project_root() / "params.yaml", "demo")
+    lr_patch = int(section["lr_patch"])
+    result: dict = {"meta": dict(meta)}
     result["matmul"] = check_matmul(device, s)
     peak = result["matmul"]["tflops"]
     print("matmul done", flush=True)
@@ -386,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("generator done", flush=True)
     result["noise"] = check_noise(device, g_cfg, lr_patch, s)
     gt = make_gt(s.gt_size)
-    from srmap.degrade import imresize
+    from srmap.resize import imresize
 
     lr = torch.from_numpy(imresize(gt, 0.25)).to(device).permute(2, 0, 1)[None].float().div(255)
     torch.manual_seed(0)
@@ -413,7 +409,22 @@ def main(argv: list[str] | None = None) -> dict:
         print("GAN step done", flush=True)
         result["training"] = check_training(device, data, tmp, init, g_cfg, c_cfg, section, s)
     result["meta"]["seconds"] = time.perf_counter() - start
-    result = {k: result[k] for k in KEYS}
+    return {k: result[k] for k in KEYS}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run every check on the GPU at FULL size, write the JSON, print the table; returns the result."""
+    args = parse_args(argv)
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    _, prof = load_params(project_root() / "params.yaml", args.profile)
+    g_cfg = GeneratorConfig.from_params(prof["model"]["generator"], "model.generator")
+    c_cfg = CriticConfig.from_params(prof["model"]["critic"], "model.critic")
+    name = torch.cuda.get_device_name(device)
+    meta = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "profile": args.profile,
+            "command": " ".join(["python", "benchmarks/gpu_check.py", *(argv or sys.argv[1:])])}
+    print(f"gpu_check on {name}, torch {torch.__version__}", flush=True)
+    result = run_checks(device, FULL, g_cfg, c_cfg, dict(prof["train_gan"]), prof["evaluate"], meta)
     atomic_write_json(args.out, result)
     print(table(result))
     print(f"wrote {args.out}")

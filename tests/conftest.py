@@ -38,7 +38,7 @@ def make_prepared(root: Path, n: int = 3) -> Path:
     import numpy as np
     from PIL import Image
 
-    from srmap.degrade import imresize
+    from srmap.resize import imresize
 
     rng = np.random.default_rng(0)
     for sub in ("hr", "lr"):

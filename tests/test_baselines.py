@@ -16,7 +16,7 @@ import torch
 
 from srmap import baselines
 from srmap.baselines import count_samples, fetch_weights
-from srmap.models import PublishedModel, load_sr_model
+from srmap.loaders import PublishedModel, load_sr_model
 from srmap.download import ChecksumError
 from srmap.inference import upscale_tensor
 
@@ -224,7 +224,7 @@ def _valid_pairs(root: Path, stems=("a", "b")) -> None:
     """Smooth random 64x48 HR validation images and their MATLAB-bicubic x4 LR, as degrade writes them."""
     from PIL import Image
 
-    from srmap.degrade import imresize
+    from srmap.resize import imresize
 
     rng = np.random.default_rng(6)
     for sub in ("hr", "lr"):

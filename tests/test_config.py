@@ -32,25 +32,30 @@ def test_repo_params_are_valid_for_every_profile():
 
 
 def test_paper_profile_carries_the_papers_settings():
+    """The paper profile against facts from outside params.yaml: the authors' network sizes, their loss weights in
+    0-255 units, and the report's patch and batch sizes."""
+    import torch
+
+    from srmap.nets import Critic, Generator, count_params
+    from srmap.options import CriticConfig, GeneratorConfig
+
     _, p = load_params(ROOT / "params.yaml", "paper")
-    g = p["model"]["generator"]
-    assert (g["stem_width"], g["feature_widths"], g["blocks_per_stage"], g["compression"],
-            g["kernel_size"]) == (256, [512, 256, 128], [16] * 4, 4, 3)
-    c = p["model"]["critic"]
-    assert c["basis_size"] * 2 ** len(c["stage_widths"]) == 192 == 4 * p["train_gan"]["lr_patch"]
-    assert p["pretrain"]["batch_size"] == 64 and p["train_gan"]["batch_size"] == 64
-    assert p["pretrain"]["lr_patch"] == 48 and p["pretrain"]["iters_per_epoch"] == 1000
-    # the authors' units converted to [0,1] images (docs/training.md)
+    with torch.device("meta"):
+        G, D = Generator(GeneratorConfig(**p["model"]["generator"])), Critic(CriticConfig(**p["model"]["critic"]))
+    # parameter counts of the authors' Generator() and of the critic their src/loss/Main.py builds (test_nets.py)
+    assert (count_params(G), count_params(D)) == (20_933_504, 20_817_025)
+    assert D.cfg.in_size == 4 * p["train_gan"]["lr_patch"] == 4 * 48  # report: 48x48 LR patches
+    assert p["pretrain"]["batch_size"] == p["train_gan"]["batch_size"] == 64  # report: 64, two halves of 32
+    # the authors' --loss 10*Fidelity and --r1_gamma 10 on 0-255 images, in our [0,1] units (docs/training.md)
     assert p["train_gan"]["alpha"] == 10 * 255 and p["train_gan"]["r1_gamma"] == pytest.approx(10 / 255**2, rel=1e-15)
-    assert p["train_gan"]["ema_beta"] == 0.999 and p["pretrain"]["noise"] is True
-    assert p["train_gan"]["epochs"] == 200 and p["train_gan"]["milestones"] == [200]
-    assert p["train_gan"]["lr_gamma"] == 0.5 and p["evaluate"]["samples"] == 10
-    assert p["data"]["source"] == "div2k" and p["data"]["train"] == [1, 800] and p["data"]["valid"] == [801, 900]
+    assert p["train_gan"]["epochs"] * p["train_gan"]["iters_per_epoch"] == 200_000  # report: 200 epochs of 1000
+    assert p["evaluate"]["samples"] == 10  # NTIRE 2021: 10 samples per image
+    assert p["data"]["train"] == [1, 800] and p["data"]["valid"] == [801, 900]  # DIV2K's own split
 
 
 def test_study_profile_holds_out_the_demo_validation_images():
     """docs/study.md's claims rest on these: held-out images, the paper's patch size, pretrained LPIPS."""
-    from srmap.data import SKIMAGE_IMAGES
+    from srmap.prepare import SKIMAGE_IMAGES
 
     _, demo = load_params(ROOT / "params.yaml", "demo")
     _, s = load_params(ROOT / "params.yaml", "study")

@@ -7,16 +7,21 @@ CPU as on CUDA). Tolerances:
 * channels_last and compile change only the order of float32 sums: losses
   within 1e-4 relative.
 * bf16 autocast rounds every convolution input to 8 mantissa bits (relative
-  step 2**-8 = 0.4 %). L1, fidelity and R1 stay within 5 % relative of float32
-  over three steps. The relativistic terms are softplus (slope <= 1) of the
-  difference of two critic scores; this critic's scores are ~10 and come out of
-  bf16 up to ~5 % off (0.5 each, checked below), so those terms get an absolute
-  tolerance of 1.0 rather than a relative one.
+  step 2**-8 = 0.4 %). A freshly initialised critic scores these 0-255 inputs at
+  ~10, and bf16 moves such scores by up to ~5 % (checked below), which would
+  move softplus terms near 0.69 by up to 1. So the GAN runs here scale the
+  critic's head by 0.05 at construction (scores ~0.5, as a trained critic's
+  differences are): the relativistic terms must then stay within 0.05 of
+  float32 (measured: 0.014), fidelity within 5 % relative, and R1, a squared
+  gradient norm that bf16 perturbs more, within 20 % (measured: 13 %).
+* Every option must also change something: bf16 changes the trained weights'
+  bits, channels_last reaches the batches the networks see.
 """
 
 import csv
 import json
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -25,8 +30,10 @@ import torch
 from conftest import make_prepared
 from srmap.checkpoint import save_generator
 from srmap.losses import critic_adv_loss, r1_penalty
-from srmap.nets import Critic, Generator, critic_config, generator_config
+from srmap.nets import Critic, Generator
+from srmap.options import CriticConfig, GeneratorConfig
 from srmap.options import GanOptions, PretrainOptions
+import srmap.train
 from srmap.train import device_options, pretrain, train_gan
 
 TINY_G = {"stem_width": 8, "feature_widths": [8, 8, 8], "blocks_per_stage": [1], "compression": 4,
@@ -51,7 +58,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cuda_options")
     data = make_prepared(root / "data")
     torch.manual_seed(3)
-    cfg = generator_config(TINY_G)
+    cfg = GeneratorConfig(**TINY_G)
     G = Generator(cfg)
     G.set_noise_scales(5.0)  # noise on, so its path runs under every option
     init = root / "init.pt"
@@ -59,16 +66,40 @@ def setup(tmp_path_factory):
     return root, data, init
 
 
+def small_head_critic(cfg):
+    """The stage's Critic with its head scaled by 0.05 (scores ~0.5; module docstring)."""
+    D = Critic(cfg)
+    with torch.no_grad():
+        D.head.weight.mul_(0.05)
+    return D
+
+
 def run_stage(stage: str, root: Path, data: Path, init: Path, name: str, flags: dict) -> Path:
     out = root / name / stage
+    seen = []  # whether each batch the stage converts is channels_last
+    to_float = srmap.train.to_float
+
+    def recording(x, device, channels_last):
+        t = to_float(x, device, channels_last)
+        seen.append(t.dim() == 4 and t.shape[1] == 3 and t.is_contiguous(memory_format=torch.channels_last))
+        return t
+
+    with mock.patch.object(srmap.train, "to_float", recording), \
+            mock.patch.object(srmap.train, "Critic", small_head_critic):
+        _run(stage, data, init, out, flags)
+    (out / "channels_last.json").write_text(json.dumps(seen))
+    return out
+
+
+def _run(stage: str, data: Path, init: Path, out: Path, flags: dict) -> None:
     if stage == "pretrain":
         pretrain(PretrainOptions(**COMMON, **flags, seed=0, lr=1e-3, noise=True), data_dir=data, out_dir=out,
                  gen_cfg=TINY_G, device="cpu")
     else:
         train_gan(GanOptions(**COMMON, **flags, seed=1, lr_g=1e-3, lr_d=1e-3, alpha=2550.0, r1_gamma=1e-3,
-                             adv_loss="softplus", image_every=100, ema_beta=0.9, noise_init=None),
+                             adv_loss="softplus", image_every=100, ema_beta=0.9, noise_init=None,
+                             fidelity_border=2, fidelity_clamp=False, consistency="none"),
                   data_dir=data, out_dir=out, init_generator=init, gen_cfg=TINY_G, critic_cfg=TINY_C, device="cpu")
-    return out
 
 
 KEYS = {"pretrain": ["l1"], "train_gan": ["fidelity", "generator", "critic", "r1"]}
@@ -100,15 +131,23 @@ def test_option_matches_fp32_eager(setup, stage, option, capfd):
     for k in KEYS[stage]:
         assert np.isfinite(got[k]).all(), f"{option} {stage} {k}: {got[k]}"
         if option == "amp" and k in ADVERSARIAL:
-            np.testing.assert_allclose(got[k], ref[k], rtol=0, atol=1.0, err_msg=f"{option} {stage} {k}")
+            np.testing.assert_allclose(got[k], ref[k], rtol=0, atol=0.05, err_msg=f"{option} {stage} {k}")
+        elif option == "amp" and k == "r1":
+            np.testing.assert_allclose(got[k], ref[k], rtol=0.2, atol=0, err_msg=f"{option} {stage} {k}")
         else:
             np.testing.assert_allclose(got[k], ref[k], rtol=rtol, atol=1e-6, err_msg=f"{option} {stage} {k}")
     assert (got["skipped"] == 0).all()
+    batches = json.loads((out / "channels_last.json").read_text())
+    assert batches and all(batches) == (option == "channels_last")  # the flag reaches every batch
+    if option == "amp":  # bf16 really ran: the trained weights differ in their bits, and only a little
+        w_got, w_ref = (torch.load(d / "checkpoint.pt", weights_only=False)["G"] for d in (out, base))
+        diffs = [(w_got[k].float() - w_ref[k].float()).abs().max().item() for k in w_ref]
+        assert max(diffs) > 0 and max(diffs) < 1e-2, max(diffs)
 
 
 def test_critic_head_and_r1_stay_float32_under_cpu_autocast():
     torch.manual_seed(0)
-    D = Critic(critic_config(TINY_C)).to(memory_format=torch.channels_last)
+    D = Critic(CriticConfig(**TINY_C)).to(memory_format=torch.channels_last)
     x = torch.rand(2, 3, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     ref = D(x).detach()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from srmap.data import MANIFEST, PatchDataset, degrade_split, fetch_skimage
-from srmap.degrade import imresize
+from srmap.data import MANIFEST, PatchDataset
+from srmap.prepare import degrade_split, fetch_skimage
+from srmap.resize import imresize
 from srmap.imageio import read_rgb8, write_png
 
 MAXPIX = 10_000_000

@@ -220,3 +220,21 @@ def test_mlflow_server_serves_the_runs_over_rest(demo_run: Path, tmp_path: Path)
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def test_inference_edits_leave_the_training_stages_up_to_date(demo_run: Path):
+    """Training's code is its import closure, which excludes the inference side: an edit to `srmap upscale`'s
+    module or the spandrel loader re-runs the stages that use them, never pretrain or train_gan."""
+    edited = [demo_run / "srmap" / "inference.py", demo_run / "srmap" / "loaders.py"]
+    originals = {p: p.read_text() for p in edited}
+    try:
+        for p in edited:
+            p.write_text(originals[p] + "\n# an edit to the inference side\n")
+        proc = subprocess.run(["dvc", "status", "--json"], cwd=demo_run, env=tool_env(demo_run),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        changed = set(json.loads(proc.stdout))
+        assert "evaluate" in changed and not changed & {"pretrain", "train_gan"}, changed
+    finally:
+        for p, text in originals.items():
+            p.write_text(text)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from srmap.degrade import imresize
+from srmap.resize import imresize
 from srmap.evaluate import (COLUMNS, METRICS, Method, evaluate_command, evaluate_dirs, evaluate_stage, find_samples,
                             score_image, summarize)
 from srmap.metrics import LPIPS

@@ -181,7 +181,7 @@ def test_atomic_writes_honour_the_umask(tmp_path, rgb, mask):
 
 
 def test_degrade_stage_says_once_per_file_what_it_dropped(tmp_path, rgb):
-    from srmap.data import degrade_split
+    from srmap.prepare import degrade_split
 
     (tmp_path / "hr").mkdir()
     big = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)

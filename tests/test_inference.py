@@ -10,7 +10,8 @@ from PIL import Image
 
 from srmap.checkpoint import save_checkpoint, save_generator
 from srmap.imageio import read_rgb8
-from srmap.inference import load_generator, upscale_command, upscale_image, upscale_tensor
+from srmap.checkpoint import load_generator
+from srmap.inference import upscale_command, upscale_image, upscale_tensor
 from srmap.nets import Generator, GeneratorConfig
 
 TINY = GeneratorConfig(stem_width=8, feature_widths=(8, 8, 8), blocks_per_stage=(2,), compression=2, kernel_size=3)
@@ -54,13 +55,23 @@ def test_short_tile_pad_warns_and_differs(G):
     assert (short - full).abs().max() > 1e-4
 
 
-def test_tiled_seed_none_shares_one_noise_field(G):
+def test_tiled_seed_none_shares_one_noise_field(G, monkeypatch):
+    """seed=None draws one seed for the whole image: every tile is called with that same seed."""
+    seeds, forward = [], type(G).forward
+
+    def recording(self, y, seed=None, **kw):
+        seeds.append(seed)
+        return forward(self, y, seed=seed, **kw)
+
+    monkeypatch.setattr(type(G), "forward", recording)
     lr = _lr(12, 12)
-    torch.manual_seed(3)
     a = upscale_tensor(G, lr, seed=None, tile=5, tile_pad=G.receptive_radius)
-    torch.manual_seed(3)
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    torch.testing.assert_close(a, upscale_tensor(G, lr, seed=seed), atol=1e-5, rtol=1e-5)
+    assert len(seeds) == 9 and seeds[0] is not None and len(set(seeds)) == 1  # 3 x 3 tiles, one seed
+    seeds.clear()
+    b = upscale_tensor(G, lr, seed=None, tile=5, tile_pad=G.receptive_radius)
+    assert len(set(seeds)) == 1 and (a - b).abs().max() > 1e-4  # a fresh draw for each call
+    monkeypatch.undo()
+    torch.testing.assert_close(a, upscale_tensor(G, lr, seed=int(seeds[0])), atol=1e-5, rtol=1e-5)
 
 
 def test_upscale_image_uint8_and_half_needs_cuda(G):

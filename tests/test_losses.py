@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from srmap.degrade import imresize
+from srmap.resize import imresize
 from srmap.losses import critic_adv_loss, fidelity_loss, generator_adv_loss, l1_loss, r1_penalty
 
 
@@ -118,7 +118,7 @@ def test_authors_weights_in_0_255_units_equal_ours_with_gradients():
     import yaml
 
     from srmap.nets import Critic, CriticConfig
-    from srmap.train import FIDELITY_BORDER
+    FIDELITY_BORDER = 2  # the profiles' train_gan.fidelity_border
 
     paper = yaml.safe_load(open(__import__("srmap.utils").utils.project_root() / "params.yaml"))["paper"]["train_gan"]
     alpha, gamma = paper["alpha"], paper["r1_gamma"]
@@ -165,8 +165,8 @@ def test_fidelity_border_band_leaves_only_the_lr_rounding_error():
     """True HR/LR patch pairs: with the border band excluded the loss is the uint8 rounding of the LR."""
     from skimage import data as skdata
 
-    from srmap.degrade import imresize
-    from srmap.train import FIDELITY_BORDER
+    from srmap.resize import imresize
+    FIDELITY_BORDER = 2  # the profiles' train_gan.fidelity_border
 
     hr = skdata.astronaut()[:192, :192]  # uint8 HxWx3
     lr_exact = imresize(torch.from_numpy(hr).permute(2, 0, 1)[None].double(), 0.25)  # float, unrounded

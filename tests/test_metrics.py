@@ -98,7 +98,7 @@ def test_diversity_deterministic_and_degenerate_cases():
         diversity_score(np.zeros((4, 4)))
 
 
-# --- LR-PSNR (needs srmap.degrade.imresize) ----------------------------------------------
+# --- LR-PSNR (needs srmap.resize.imresize) ----------------------------------------------
 
 
 def test_lr_psnr_constant_images_by_hand_and_identical_inf():

@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy import stats
 
-from srmap.nets import (
-    Critic,
-    CriticConfig,
-    Generator,
-    GeneratorConfig,
-    count_params,
-    critic_config,
-    flops_per_patch,
-    generator_config,
-    hash32,
-    hash_normal,
-    info_text,
-)
+from srmap.nets import Critic, Generator, count_params, flops_per_patch, info_text
+from srmap.options import CriticConfig, GeneratorConfig, OptionError, from_params
 
 TINY_G = GeneratorConfig(stem_width=8, feature_widths=(12, 8, 4), blocks_per_stage=(2, 2), compression=2)
 TINY_D = CriticConfig(basis_size=2, stage_widths=(4, 8, 8), blocks_per_stage=(1, 2, 1), epilog_width=8,
@@ -190,53 +177,6 @@ def test_receptive_radius_paper():
     assert g.receptive_radius == 135
 
 
-def test_tile_noise_matches_whole_noise():
-    whole = hash_normal([3], 2, 0, 0, 30, 40, stream=5)
-    crop = hash_normal([3], 2, 7, 11, 9, 13, stream=5)
-    assert torch.equal(crop, whole[:, :, 7:16, 11:24])
-    assert not torch.equal(whole, hash_normal([3], 2, 0, 0, 30, 40, stream=6))  # injectors differ
-
-
-# ---------------------------------------------------------------------------
-# Noise statistics
-# ---------------------------------------------------------------------------
-
-
-def _lowbias32_reference(x: np.ndarray) -> np.ndarray:
-    """lowbias32 in numpy uint32, whose multiplication wraps mod 2**32 natively."""
-    x = x.astype(np.uint32)
-    x ^= x >> np.uint32(16)
-    x *= np.uint32(0x7FEB352D)
-    x ^= x >> np.uint32(15)
-    x *= np.uint32(0x846CA68B)
-    x ^= x >> np.uint32(16)
-    return x
-
-
-def test_hash_matches_uint32_reference():
-    values = np.random.default_rng(0).integers(0, 2**32, size=10_000, dtype=np.int64)
-    values[:4] = [0, 1, 2**31, 2**32 - 1]
-    expected = _lowbias32_reference(values).astype(np.int64)
-    got = hash32(torch.from_numpy(values.copy()))
-    assert np.array_equal(got.numpy(), expected)
-    assert [hash32(int(v)) for v in values[:50]] == expected[:50].tolist()
-    assert int(values[5]) == int(torch.from_numpy(values)[5])  # the input tensor is left untouched
-
-
-def test_hash_noise_is_standard_normal():
-    z = hash_normal([0, 1], 4, 0, 0, 128, 128)  # 131072 values
-    flat = z.flatten().double()
-    assert abs(flat.mean().item()) < 0.02
-    assert abs(flat.std().item() - 1.0) < 0.02
-    assert stats.kstest(flat.numpy(), "norm").pvalue > 1e-3
-    # Neighbouring pixels, layers and seeds are uncorrelated.
-    corr = lambda a, b: np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1]  # noqa: E731
-    assert abs(corr(z[0, 0, :, :-1], z[0, 0, :, 1:])) < 0.02
-    assert abs(corr(z[0, 0, :-1], z[0, 0, 1:])) < 0.02
-    assert abs(corr(z[0, 0], z[0, 1])) < 0.02
-    assert abs(corr(z[0], z[1])) < 0.02
-
-
 # ---------------------------------------------------------------------------
 # Initialisation and gradients
 # ---------------------------------------------------------------------------
@@ -265,7 +205,7 @@ def test_every_injector_changes_the_output_once_its_scale_is_nonzero():
         torch.testing.assert_close(ref, g(y, noise_scale=0))  # all scales 0: no noise
         for inj in g.injectors():
             inj.scale.fill_(10.0)  # 10/255 in [0,1] units
-            assert (g(y, seed=3) - ref).abs().max() > 1e-4, f"injector {inj.stream} has no effect"
+            assert (g(y, seed=3) - ref).abs().max() > 1e-4, f"injector {inj.index} has no effect"
             inj.scale.zero_()
     g.set_noise_scales(0.25)
     means = g.noise_scale_means()
@@ -362,24 +302,24 @@ def test_critic_scores_shape_and_rejects_wrong_size():
 
 
 def test_configs_from_params_mappings():
-    g = generator_config(DEMO_G)
+    g = from_params(GeneratorConfig, DEMO_G, "model.generator")
     assert g.feature_widths == (48, 32, 16) and isinstance(g.feature_widths, tuple) and g.scale == 4
-    c = critic_config(DEMO_D)
+    c = from_params(CriticConfig, DEMO_D, "model.critic")
     assert c.stage_widths == (16, 32, 32, 48, 64) and c.in_size == 96
-    with pytest.raises(ValueError, match="model.generator: unknown key 'stem_widht'"):
-        generator_config({**DEMO_G, "stem_widht": 3})
+    with pytest.raises(OptionError, match="model.generator: unknown key 'stem_widht'"):
+        from_params(GeneratorConfig, {**DEMO_G, "stem_widht": 3}, "model.generator")
     missing = dict(DEMO_G)
     del missing["compression"]
-    with pytest.raises(ValueError, match="missing key 'compression'"):
-        generator_config(missing)
-    with pytest.raises(ValueError, match=r"model.generator.feature_widths: expected 3 entries"):
-        generator_config({**DEMO_G, "feature_widths": [48, 32]})
-    with pytest.raises(ValueError, match=r"model.critic.blocks_per_stage: expected 5 entries"):
-        critic_config({**DEMO_D, "blocks_per_stage": [1, 1]})
-    with pytest.raises(ValueError, match="model.critic: unknown key 'fc'"):
-        critic_config({**DEMO_D, "fc": [1]})
-    with pytest.raises(ValueError, match=r"GeneratorConfig.kernel_size: expected an odd"):
+    with pytest.raises(OptionError, match="model.generator: missing key 'compression'"):
+        from_params(GeneratorConfig, missing, "model.generator")
+    with pytest.raises(OptionError, match=r"^model.generator.feature_widths: expected 3 positive integers"):
+        from_params(GeneratorConfig, {**DEMO_G, "feature_widths": [48, 32]}, "model.generator")
+    with pytest.raises(OptionError, match=r"^model.critic.blocks_per_stage: expected 5 entries"):
+        from_params(CriticConfig, {**DEMO_D, "blocks_per_stage": [1, 1]}, "model.critic")
+    with pytest.raises(OptionError, match=r"^kernel_size: expected an odd positive integer"):
         GeneratorConfig(kernel_size=4)
+    with pytest.raises(OptionError, match=r"^compression: expected at most the narrowest block width 8"):
+        GeneratorConfig(stem_width=8, compression=16)
 
 
 def test_flops_per_patch_counts_convs():
@@ -389,4 +329,4 @@ def test_flops_per_patch_counts_convs():
     text = info_text(GeneratorConfig(), CriticConfig(), 48)
     assert "generator: 20,933,504 parameters" in text and "critic:    20,817,025 parameters" in text
     assert "per 48x48 LR patch" in text and "136 noise injectors" in text and "warning" not in text
-    assert "warning: critic in_size 96" in info_text(generator_config(DEMO_G), critic_config(DEMO_D), 48)
+    assert "warning: critic in_size 96" in info_text(GeneratorConfig(**DEMO_G), CriticConfig(**DEMO_D), 48)

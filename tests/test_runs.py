@@ -51,7 +51,7 @@ def test_groups_join_stages_params_and_scores(store):
     assert [r.name for r in runs] == ["nicer-leaf", "beery-rale", "flaky-glen"]  # oldest first; demo left out
     ref, killed, abl = runs
     assert set(ref.stages) == {"pretrain", "train_gan", "evaluate"} and set(abl.stages) == {"train_gan", "evaluate"}
-    assert killed.stages["train_gan"].status == "FAILED" and killed.scores == {}
+    assert killed.stages["train_gan"].status == "KILLED" and killed.scores == {}
     assert abl.scores["srmap/lr_psnr"] == pytest.approx(44.0)
     # pretrain.lr was logged by the reference only (the ablation reused the cached stage): not compared
     assert changed_params(abl, ref) == {"train_gan.alpha": ("2550.0", "10200")}
@@ -59,7 +59,7 @@ def test_groups_join_stages_params_and_scores(store):
     rows = {line.split(" | ")[0].strip("| `"): line for line in table.splitlines()[2:]}
     assert "reference" in rows["nicer-leaf"] and "| 41.00 |" in rows["nicer-leaf"]
     assert "`train_gan.alpha` 2550.0 → 10200" in rows["flaky-glen"] and "| 44.00 |" in rows["flaky-glen"]
-    assert "train_gan" in rows["beery-rale"] and "(FAILED)" in rows["beery-rale"] and "| — |" in rows["beery-rale"]
+    assert "train_gan" in rows["beery-rale"] and "(KILLED)" in rows["beery-rale"] and "| — |" in rows["beery-rale"]
     assert "pretrain" not in rows["flaky-glen"].split("|")[-2]  # stages run: train_gan and evaluate only
     assert change_label(abl, ref) == "flaky-glen: alpha 10200" and change_label(ref, ref) == "nicer-leaf (reference)"
     with pytest.raises(ValueError, match="no pipeline run 'nope' \\(there are: nicer-leaf, beery-rale, flaky-glen"):

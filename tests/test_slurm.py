@@ -27,9 +27,10 @@ import pytest
 import yaml
 
 from conftest import ROOT, VENV_BIN, clone_repo, tool_env
+from srmap.config import STAGES
 
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
-RULES = ("download", "degrade", "pretrain", "train_gan", "baselines", "evaluate", "report")
+RULES = STAGES  # every stage is a Snakemake rule
 IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 # The SLURM run gets this long before `timeout` kills it (SIGTERM does not stop
 # a snakemake that waits on jobs, hence -k); the demo itself takes a few minutes.

@@ -19,17 +19,12 @@ from PIL import Image
 
 from conftest import make_prepared
 from srmap.checkpoint import load_checkpoint, save_checkpoint, save_generator
-from srmap.nets import Generator, generator_config
+from srmap.nets import Generator
+from srmap.options import GeneratorConfig
 from srmap.options import GanOptions, PretrainOptions
-from srmap.train import (
-    GAN_COLUMNS,
-    PRETRAIN_COLUMNS,
-    NonFiniteLossError,
-    StepBatchSampler,
-    lr_factor,
-    pretrain,
-    train_gan,
-)
+from srmap.data import StepBatchSampler
+from srmap.train import GAN_COLUMNS, PRETRAIN_COLUMNS, NonFiniteLossError, pretrain, train_gan
+from srmap.train_utils import ema_update, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_G = {"stem_width": 8, "feature_widths": [8, 8, 8], "blocks_per_stage": [1], "compression": 4,
@@ -48,7 +43,7 @@ def data_dir(tmp_path_factory):
 def init_generator(tmp_path_factory):
     """A freshly initialised tiny generator saved in the srmap-generator/1 format."""
     torch.manual_seed(5)
-    cfg = generator_config(TINY_G)
+    cfg = GeneratorConfig(**TINY_G)
     path = tmp_path_factory.mktemp("init") / "generator.pt"
     save_generator(path, Generator(cfg), cfg, {"stage": "test"})
     return path
@@ -74,7 +69,8 @@ def pre_kw(data_dir, out_dir, **over):
 def gan_kw(data_dir, out_dir, init_generator, **over):
     kw = dict(data_dir=data_dir, out_dir=out_dir, init_generator=init_generator, gen_cfg=TINY_G,
               critic_cfg=TINY_C, seed=1, batch_size=4, lr_patch=8, lr_g=1e-3, lr_d=1e-3, betas=[0.0, 0.99],
-              alpha=2550.0, r1_gamma=1.5e-4, adv_loss="softplus", ema_beta=0.9, noise_init=5.0, epochs=2,
+              alpha=2550.0, r1_gamma=1.5e-4, adv_loss="softplus", ema_beta=0.9, noise_init=5.0, fidelity_border=2,
+              fidelity_clamp=False, consistency="none", epochs=2,
               iters_per_epoch=2, milestones=[1],
               lr_gamma=0.5, image_every=2, ckpt_every=100, log_every=1, workers=0, max_bad_steps=3, amp=True,
               channels_last=True, compile=False, device="cpu")
@@ -202,8 +198,6 @@ def test_gan_kill_and_resume_is_bit_identical(data_dir, init_generator, tmp_path
 
 
 def test_ema_update_is_the_authors_lerp():
-    from srmap.train import ema_update
-
     torch.manual_seed(0)
     model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     before = [p.detach().clone() for p in ema.parameters()]
@@ -236,15 +230,20 @@ def test_changed_config_trains_from_scratch_but_more_epochs_resume(data_dir, tmp
     pretrain(**pre_kw(data_dir, out, epochs=2, log_every=1))  # free keys: continue from step 3
     assert not list(out.glob(".*.tmp"))
     opts = json.loads((out / "training_options.json").read_text())
-    assert opts["resumed_from_step"] == 3
+    assert opts["resumed_from_step"] == 3 and opts["set_aside"] is None
     assert [int(r["step"]) for r in read_csv(out / "losses.csv")] == [2, 4, 5, 6]
-    with pytest.warns(RuntimeWarning, match=r"differs in: lr\b.*from scratch"):
+    finished = load_checkpoint(out / "checkpoint.pt")
+    with pytest.warns(RuntimeWarning, match=r"differs in: lr\b.*kept it as .*checkpoint\.step6\.config-changed\.pt"):
         pretrain(**pre_kw(data_dir, out, epochs=2, lr=2e-3))
     opts = json.loads((out / "training_options.json").read_text())
     assert opts["resumed_from_step"] is None and [int(r["step"]) for r in read_csv(out / "losses.csv")] == [2, 4, 6]
-    with pytest.warns(RuntimeWarning, match="past this run's 3 steps"):  # fewer epochs than already trained
+    kept = load_checkpoint(out / "checkpoint.step6.config-changed.pt")  # the old run, untouched
+    assert opts["set_aside"] == str(out / "checkpoint.step6.config-changed.pt")
+    assert_same_state(kept["G"], finished["G"]) and kept["config"]["lr"] == 1e-3
+    with pytest.warns(RuntimeWarning, match=r"past this run's last step \(step 6 > 3"):  # fewer epochs than trained
         pretrain(**pre_kw(data_dir, out, epochs=1, lr=2e-3))
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 3
+    assert (out / "checkpoint.step6.past-end.pt").is_file() and (out / "checkpoint.step6.config-changed.pt").is_file()
 
 
 def test_changed_training_data_is_not_resumed(data_dir, tmp_path):

@@ -17,7 +17,8 @@ from srmap.checkpoint import save_checkpoint, save_generator
 from srmap.cli import main
 from srmap.evaluate import evaluate_command
 from srmap.imageio import read_image, write_png
-from srmap.inference import load_generator, upscale_alpha, upscale_command, upscale_image
+from srmap.checkpoint import load_generator
+from srmap.inference import upscale_alpha, upscale_command, upscale_image
 from srmap.nets import Generator, GeneratorConfig
 
 TINY = GeneratorConfig(stem_width=8, feature_widths=(8, 8, 8), blocks_per_stage=(2,), compression=2, kernel_size=3)

@@ -16,10 +16,9 @@ import pytest
 import yaml
 
 from conftest import ROOT, tool_env
-from srmap.config import Paths
+from srmap.config import STAGES, Paths
 from srmap.utils import import_closure
 
-STAGES = ["download", "degrade", "pretrain", "train_gan", "baselines", "evaluate", "report"]
 
 
 def dvc_stages(profile: str = "demo") -> dict[str, dict]:
@@ -66,7 +65,7 @@ def both():
 
 def test_same_stage_names_in_order(both):
     dvc, smk = both
-    assert list(dvc) == STAGES
+    assert list(dvc) == list(STAGES)  # srmap.config.STAGES, the one list
     assert sorted(smk) == sorted(STAGES)
 
 
@@ -91,12 +90,21 @@ def test_profiles_write_disjoint_outputs():
     assert not outs["demo"] & outs["paper"] and not outs["demo"] & outs["study"] and not outs["study"] & outs["paper"]
 
 
-def test_dvc_dag_lists_the_six_stages():
+# Who feeds whom: every path a stage reads that another stage writes.
+EDGES = {("download", "degrade"), ("degrade", "pretrain"), ("degrade", "train_gan"), ("pretrain", "train_gan"),
+         ("degrade", "baselines"), ("degrade", "evaluate"), ("pretrain", "evaluate"), ("train_gan", "evaluate"),
+         ("degrade", "report"), ("pretrain", "report"), ("train_gan", "report"), ("baselines", "report"),
+         ("evaluate", "report")}
+
+
+def test_dvc_dag_has_the_seven_stages_and_their_edges():
     proc = subprocess.run(["dvc", "dag", "--dot"], cwd=ROOT, env=tool_env(ROOT), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for stage in STAGES:
-        assert f'"{stage}"' in proc.stdout
+    nodes = set(re.findall(r'^\s*"(\w+)";?$', proc.stdout, re.M))
+    edges = set(re.findall(r'"(\w+)" -> "(\w+)"', proc.stdout))
+    assert nodes == set(STAGES) and len(STAGES) == 7
+    assert edges == EDGES
 
 
 # ------------------------------------------------------------------ code deps (import closure)
@@ -132,6 +140,32 @@ def test_training_fingerprint_covers_exactly_declared_code(both):
         declared = srmap_code(dvc[stage]["deps"])
         assert fingerprinted <= declared, (stage, fingerprinted - declared)
         assert declared - fingerprinted <= {"srmap/config.py", "srmap/tracking.py", "srmap/venv.py"}, stage
+
+
+def test_code_fingerprint_changes_with_training_code_only(tmp_path, monkeypatch):
+    """code_fingerprint itself, on a copy of the package: an edit to a module training imports changes it,
+    an edit to the inference side (srmap upscale, the spandrel loader) does not."""
+    from srmap import resume, utils
+
+    pkg = tmp_path / "srmap"
+    shutil.copytree(ROOT / "srmap", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(resume, "__file__", str(pkg / "resume.py"))
+    monkeypatch.setattr(utils, "__file__", str(pkg / "utils.py"))
+    before = resume.code_fingerprint()
+    for name in ("inference.py", "loaders.py", "cli.py"):
+        (pkg / name).write_text((pkg / name).read_text() + "\n# an edit outside training\n")
+        assert resume.code_fingerprint() == before, name
+    (pkg / "nets.py").write_text((pkg / "nets.py").read_text() + "\n# an edit to the networks\n")
+    assert resume.code_fingerprint() != before
+
+
+def test_srmap_has_no_import_cycle():
+    """No module reaches itself through its imports, lazy imports inside functions included."""
+    for module in sorted((ROOT / "srmap").glob("*.py")):
+        closure = import_closure(module)
+        assert module.resolve() not in closure, f"{module.name} imports itself through {[p.name for p in closure]}"
+    training = {p.name for p in import_closure(ROOT / "srmap" / "train.py")}
+    assert not training & {"inference.py", "loaders.py", "cli.py", "evaluate.py"}, training
 
 
 # ------------------------------------------------------------------ paths: Paths vs both engines

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from srmap.degrade import contributions, imresize, mod_crop, weight_matrix
+from srmap.resize import contributions, imresize, mod_crop, weight_matrix
 
 
 def _reference(img: np.ndarray, scale: float, rounding: str) -> np.ndarray:
