@@ -279,7 +279,7 @@ rule report:
         "srmap/report.py",
         "srmap/utils.py",
         "srmap/venv.py",
-        "reports/published.csv",
+        "srmap/published.csv",
         f"results/{PROFILE}/metrics.json",
         f"results/{PROFILE}/eval",
         f"results/{PROFILE}/baselines/metrics.json",

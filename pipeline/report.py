@@ -2,7 +2,7 @@
 
 Reads params `<profile>.report`; reads `results/<profile>/metrics.json` and `eval/`,
 `results/<profile>/baselines/` (the baselines stage's rows, shown first), the validation
-images, both loss CSVs and `reports/published.csv`.
+images, both loss CSVs and `srmap/published.csv`.
 Writes `reports/<profile>/` (table2.md, table2.csv, fig2-4.png, index.html).
 """
 
@@ -29,7 +29,7 @@ def main(ctx: StageContext) -> None:
         build_report(results=results, results_dir=ctx.paths.results / "eval", valid_dir=ctx.paths.prepared / "valid",
                      loss_csvs={"pretrain": ctx.paths.pretrain / "losses.csv",
                                 "train_gan": ctx.paths.train_gan / "losses.csv"},
-                     published_csv=ctx.root / "reports" / "published.csv", out_dir=tmp,
+                     published_csv=ctx.root / "srmap" / "published.csv", out_dir=tmp,
                      crop_size=section["crop_size"], seed=section["seed"], profile=ctx.profile,
                      baselines=(baselines, ctx.paths.baselines / "eval"))
     print(f"report: open {ctx.paths.report / 'index.html'}")

@@ -3,7 +3,7 @@
 Everything measured comes from the metrics ``evaluate_stage`` returned
 ({slug: {metric: number}}), the ``methods.json`` it wrote next to its images
 (labels, row order, the LPIPS weight source) and the images themselves; the
-published rows come from ``reports/published.csv`` and are shown in their own
+published rows come from ``srmap/published.csv`` and are shown in their own
 block, labelled as not re-run. The LPIPS weight source is printed under the
 table. When LPIPS ran with the random trunk (smoke tests only), every LPIPS and
 diversity number of this run carries "random AlexNet trunk, not comparable".

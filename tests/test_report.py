@@ -62,7 +62,7 @@ def _inputs(tmp_path, pretrained=False):
         f.write("step,epoch,l1,lr\n" + "".join(f"{s},{s // 5},{1 / s},5e-4\n" for s in range(1, 11)))
     return dict(results=results, results_dir=ev, valid_dir=valid,
                 loss_csvs={"pretrain": tmp_path / "pre.csv", "train_gan": tmp_path / "gan.csv"},
-                published_csv=os.path.join(os.path.dirname(__file__), "..", "reports", "published.csv"),
+                published_csv=os.path.join(os.path.dirname(__file__), "..", "srmap", "published.csv"),
                 out_dir=tmp_path / "report", crop_size=16, seed=0, profile="demo")
 
 

@@ -377,3 +377,12 @@ def test_conda_env_installs_the_lock():
     text = (ROOT / "Snakefile").read_text()
     assert 'CONDA_ENV = "envs/srmap.yaml"' in text
     assert text.count("\n    conda:\n        CONDA_ENV\n") == len(STAGES)
+
+
+def test_readme_layout_lists_every_module():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    layout = layout.split("\n## ")[0]
+    listed = set(re.findall(r"^\| `srmap/([\w.]+)` \|", layout, re.M))
+    on_disk = {p.name for p in (ROOT / "srmap").iterdir() if p.is_file() and p.suffix in (".py", ".csv", ".json")}
+    assert listed == on_disk, (on_disk - listed, listed - on_disk)

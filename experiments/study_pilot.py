@@ -7,9 +7,9 @@ widths with the study's own options, shortened: L1 pretraining for --pretrain
 steps, then each GAN run for --gan steps from that one L1 generator. Nothing is
 logged to MLflow (library calls, no pipeline stage); every number goes to stdout.
 
-    python scripts/study_pilot.py pretrain --steps 400
-    python scripts/study_pilot.py noise 5 15 40              # the L1 generator with noise switched on, no GAN
-    python scripts/study_pilot.py gan n10 --steps 300 noise_init=10 ema_beta=0.99 lr_d=0.0001
+    python experiments/study_pilot.py pretrain --steps 400
+    python experiments/study_pilot.py noise 5 15 40              # the L1 generator with noise switched on, no GAN
+    python experiments/study_pilot.py gan n10 --steps 300 noise_init=10 ema_beta=0.99 lr_d=0.0001
 
 Runs about 5 min per 300 GAN steps on 2 CPU cores; outputs under --work.
 """
