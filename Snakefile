@@ -11,14 +11,22 @@ import sys
 
 import yaml
 
-configfile: "params.yaml"
-
-# The same validation as the stage scripts: one line naming the key, then exit.
+# The same reading and validation as the stage scripts: one line naming the file, line or key, then exit.
+# params.yaml is read here first so that a syntax error names its line and column, not this file's.
 sys.path.insert(0, workflow.basedir)
-from srmap.config import ConfigError, validate
+from srmap.config import ConfigError, read_yaml, validate, yaml12_numbers
 
 try:
-    PROFILE, P = validate(config)
+    read_yaml(f"{workflow.basedir}/params.yaml")
+except ConfigError as exc:
+    sys.exit(f"snakemake: error: {exc}")
+
+configfile: "params.yaml"
+
+# YAML 1.2 numbers ("1e-4"), as DVC reads them, so that both engines see the same values.
+CONFIG = yaml12_numbers(config)
+try:
+    PROFILE, P = validate(CONFIG)
 except ConfigError as exc:
     sys.exit(f"snakemake: error: {exc}")
 
@@ -32,7 +40,7 @@ def tracked(stage):
     values = {}
     for key in DVC_STAGES[stage]["params"]:
         key = key.replace("${profile}", PROFILE)
-        node = config
+        node = CONFIG
         for part in key.split("."):
             node = node[part]
         values[key] = node

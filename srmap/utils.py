@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,38 @@ class Interrupted(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum, self.exit_code = int(signum), 128 + int(signum)
+
+
+class DiskFullError(OSError):
+    """A write failed because its file system is full (or over quota).
+
+    The message names the file that was being written and the space left;
+    :func:`atomic_path` raises it, so the previous version of the file is intact.
+    """
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
+        return str(self.strerror)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full-disk write failure: ENOSPC/EDQUOT, or torch.save's
+    "PytorchStreamWriter failed writing file" (pytorch/pytorch#76108), which carries no errno."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, RuntimeError) and ("file write failed" in str(exc) or "No space left" in str(exc))
+
+
+def free_space(folder: str | os.PathLike) -> str:
+    """Free space of the file system holding ``folder``, e.g. '12.0 MiB' ('unknown' when it cannot be read)."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if free < 1024 or unit == "GiB":
+            return f"{free:.1f} {unit}" if unit != "B" else f"{free} B"
+        free /= 1024
+    return "unknown"
 
 
 def umask() -> int:
@@ -46,6 +80,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     treat it as a finished, cached result). ``mkstemp`` creates the file with
     mode 0600; before the rename it gets ``0666 & ~umask``, the mode a plain
     ``open(path, "w")`` would give, so group members can read shared outputs.
+    A full disk (:func:`is_disk_full`) is re-raised as :class:`DiskFullError`
+    naming ``path`` and the free space.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,8 +92,12 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~umask())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise DiskFullError(errno.ENOSPC, f"could not write {path}: no space left on device "
+                                f"({free_space(path.parent)} free in {path.parent}); the previous "
+                                f"{path.name}, if any, is intact") from exc
         raise
 
 

@@ -101,7 +101,7 @@ def test_wrong_type_and_unknown_key(tmp_path):
 
 
 def test_malformed_yaml(tmp_path):
-    with pytest.raises(ConfigError, match=r"params\.yaml: not valid YAML at line \d+: "):
+    with pytest.raises(ConfigError, match=r"params\.yaml: not valid YAML at line \d+, column \d+: "):
         load_params(_write(tmp_path, "profile: demo\ndemo: [unclosed\n"))
 
 
@@ -167,7 +167,9 @@ def test_only_scale_4_validates(tmp_path):
 
 def test_resources_live_outside_the_tracked_sections(tmp_path):
     _, p = load_params(ROOT / "params.yaml", "paper")
-    assert p["resources"]["train_gan"] == {"gpus": 1, "cpus": 8, "mem_mb": 64000, "runtime": 7200}
+    assert set(p["resources"]["train_gan"]) == {"gpus", "cpus", "mem_mb", "runtime"}
+    # every job fits a 24 h partition: the paper's 5-day GAN stage spans several jobs (profiles/slurm, docs/cluster.md)
+    assert all(0 < r["runtime"] <= 1440 for r in p["resources"].values()), p["resources"]
     assert all("resources" not in p[stage] for stage in ("pretrain", "train_gan", "evaluate"))
     doc = _params()
     doc["demo"]["pretrain"]["resources"] = {"gpus": 1, "cpus": 2, "mem_mb": 4000, "runtime": 30}  # the old layout

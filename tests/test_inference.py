@@ -82,8 +82,21 @@ def test_upscale_image_uint8_and_half_needs_cuda(G):
     ref = upscale_tensor(G, torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255, seed=0, noise_scale=0.0)
     expect = (ref.clamp(0, 1) * 255).round()[0].permute(1, 2, 0).to(torch.uint8).numpy()
     np.testing.assert_array_equal(out, expect)
-    with pytest.raises(ValueError, match="CUDA"):
-        upscale_image(G, lr, seed=0, noise_scale=0.0, tile=0, tile_pad=16, device="cpu", half=True)
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        upscale_image(G, lr, seed=0, noise_scale=0.0, tile=0, tile_pad=16, device="cpu", precision="fp16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        upscale_image(G, lr, seed=0, noise_scale=0.0, tile=0, tile_pad=16, device="cpu", precision="half")
+
+
+def test_upscale_image_bf16_on_cpu_is_close_to_fp32(G):
+    """--precision bf16 runs under CPU autocast: the result differs from fp32 (so it really ran in bf16),
+    by a few levels at most on this generator."""
+    lr = (np.random.default_rng(1).random((12, 12, 3)) * 255).astype(np.uint8)
+    fp32 = upscale_image(G, lr, seed=3, noise_scale=1.0, tile=0, tile_pad=None, device="cpu").astype(int)
+    bf16 = upscale_image(G, lr, seed=3, noise_scale=1.0, tile=0, tile_pad=None, device="cpu",
+                         precision="bf16").astype(int)
+    diff = np.abs(bf16 - fp32)
+    assert diff.max() > 0 and np.mean(diff) < 3, (diff.max(), diff.mean())
 
 
 def test_load_generator_both_formats(tmp_path, G):
@@ -172,5 +185,5 @@ def test_upscale_command_bad_checkpoint_or_input(tmp_path, capsys):
     assert "missing.pt" in capsys.readouterr().err
     assert upscale_command(tmp_path / "nowhere", tmp_path / "o", tmp_path / "missing.pt") == 2
     assert "nowhere" in capsys.readouterr().err
-    assert upscale_command(tmp_path / "x.png", tmp_path / "o", tmp_path / "missing.pt", half=True) == 2
+    assert upscale_command(tmp_path / "x.png", tmp_path / "o", tmp_path / "missing.pt", precision="fp16") == 2
     assert "CUDA" in capsys.readouterr().err

