@@ -282,6 +282,7 @@ rule report:
     input:
         "pipeline/report.py",
         "srmap/config.py",
+        "srmap/explorer.py",
         "srmap/imageio.py",
         "srmap/options.py",
         "srmap/report.py",

@@ -1,4 +1,4 @@
-"""The pilot behind the study profile's GAN settings (docs/study.md), scored on TRAINING images only.
+"""The pilot behind the study and demo profiles' settings (docs/study.md), scored on TRAINING images only.
 
 The held-out images (coffee, motorcycle_left) are never read: the pilot scores on
 two of the study's training photographs (astronaut, rocket), so no choice it
@@ -10,6 +10,7 @@ logged to MLflow (library calls, no pipeline stage); every number goes to stdout
     python experiments/study_pilot.py pretrain --steps 400
     python experiments/study_pilot.py noise 5 15 40              # the L1 generator with noise switched on, no GAN
     python experiments/study_pilot.py gan n10 --steps 300 noise_init=10 ema_beta=0.99 lr_d=0.0001
+    python experiments/study_pilot.py --profile demo --work /tmp/demo-pilot pretrain --steps 1500 lr=0.001
 
 Runs about 5 min per 300 GAN steps on 2 CPU cores; outputs under --work.
 """
@@ -57,11 +58,12 @@ def _score(methods, score_dir: Path, out: Path, tag: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=("pretrain", "noise", "gan"))
-    ap.add_argument("args", nargs="*", help="noise: scales (0-255 units); gan: a run name, then key=value overrides "
-                                            "of train_gan options")
+    ap.add_argument("args", nargs="*", help="noise: scales (0-255 units); pretrain: key=value overrides of its "
+                                            "options; gan: a run name, then key=value overrides of train_gan options")
     ap.add_argument("--steps", type=int, default=300, help="training steps (pretrain, gan)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/srmap-study-pilot"), help="output folder")
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    ap.add_argument("--profile", default="study", help="profile whose networks and options are piloted [study]")
     a = ap.parse_intermixed_args()  # key=value overrides may follow --steps
 
     from srmap.checkpoint import save_generator
@@ -72,17 +74,20 @@ def main() -> None:
     from srmap.options import GanOptions, PretrainOptions
     from srmap.train import pretrain, train_gan
 
-    _, p = load_params(a.params, "study")
+    _, p = load_params(a.params, a.profile)
     train_dir, score_dir = _data(a.work, p["data"]["train"])
     gen_cfg = GeneratorConfig(**p["model"]["generator"])
     l1 = a.work / "pretrain" / "generator.pt"
     short = dict(epochs=1, iters_per_epoch=a.steps, milestones=[1], ckpt_every=a.steps, log_every=50)
     t0 = time.time()
+    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.args[1 if a.what == "gan" else 0:])
+                 if a.what != "noise"}
     if a.what == "pretrain":
-        pretrain(PretrainOptions(**{**p["pretrain"], **short}), data_dir=train_dir, out_dir=l1.parent,
+        pretrain(PretrainOptions(**{**p["pretrain"], **short, **overrides}), data_dir=train_dir, out_dir=l1.parent,
                  gen_cfg=gen_cfg)
-        print(f"pretrain: {a.steps} steps in {time.time() - t0:.0f} s")
-        _score([Method("l1", "L1", l1)], score_dir, a.work / "eval_pretrain", "pretrain")
+        print(f"pretrain: {a.steps} steps in {time.time() - t0:.0f} s, overrides {overrides}")
+        _score([Method("bicubic", "Bicubic"), Method("l1", "L1", l1)], score_dir, a.work / "eval_pretrain",
+               "pretrain")
     elif a.what == "noise":
         methods = [Method("l1", "L1", l1)]
         for value in a.args:
@@ -95,9 +100,8 @@ def main() -> None:
     else:
         if not a.args:
             ap.error("gan: give a run name")
-        name, overrides = a.args[0], dict(kv.split("=", 1) for kv in a.args[1:])
-        opts = {**p["train_gan"], **short, "image_every": a.steps,
-                **{k: yaml.safe_load(v) for k, v in overrides.items()}}
+        name = a.args[0]
+        opts = {**p["train_gan"], **short, "image_every": a.steps, **overrides}
         out = a.work / f"gan_{name}"
         train_gan(GanOptions(**opts), data_dir=train_dir, out_dir=out, init_generator=l1, gen_cfg=gen_cfg,
                   critic_cfg=CriticConfig(**p["model"]["critic"]))

@@ -9,6 +9,6 @@ page="$PWD/reports/$profile/index.html"
 profile_dir="$(mktemp -d)"
 trap 'rm -rf "$profile_dir"' EXIT
 chromium --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
-  --disable-sync --no-first-run --user-data-dir="$profile_dir" --hide-scrollbars --window-size=1200,1700 \
+  --disable-sync --no-first-run --user-data-dir="$profile_dir" --hide-scrollbars --window-size=1200,2300 \
   --screenshot="$PWD/docs/report.png" "file://$page" >/dev/null 2>&1
 echo "wrote docs/report.png"

