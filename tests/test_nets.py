@@ -142,7 +142,9 @@ def test_channels_last_and_bf16_autocast(gen):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = gen(y, seed=1)
     assert low.shape == ref.shape and torch.isfinite(low).all()
-    assert (low.float() - ref).abs().max() < 0.1
+    # bf16 rounding (8-bit mantissa) through the network: measured max 0.0040, mean 0.00035 on [0, 1] outputs
+    diff = (low.float() - ref).abs()
+    assert 0 < diff.mean() < 1e-3 and diff.max() < 1e-2, (diff.mean(), diff.max())
 
 
 # ---------------------------------------------------------------------------
@@ -282,6 +284,24 @@ def test_critic_supports_r1_double_backward():
     # Every weight must be trained by the penalty.
     weights = [n for n, p in d.named_parameters() if p.dim() > 1 and p.grad is None]
     assert not weights, f"R1 penalty does not reach {weights}"
+    # ...and its gradient is the right one: a central difference on one weight of each conv, in float64.
+    d64, x64 = d.double(), x.detach().double().requires_grad_(True)
+
+    def r1() -> torch.Tensor:
+        (g,) = torch.autograd.grad(d64(x64).sum(), x64, create_graph=True)
+        return g.square().sum()
+
+    d64.zero_grad()
+    r1().backward()
+    for name, p in [(n, p) for n, p in d64.named_parameters() if p.dim() == 4][:3]:
+        analytic, eps = p.grad.flatten()[0].item(), 1e-6
+        values = []
+        for step in (eps, -2 * eps, eps):  # up, down, back
+            with torch.no_grad():
+                p.view(-1)[0] += step
+            values.append(r1().item())
+        up, down = values[:2]
+        assert abs(analytic - (up - down) / (2 * eps)) <= 1e-5 * max(1.0, abs(analytic)), name
 
 
 # ---------------------------------------------------------------------------
