@@ -248,7 +248,7 @@ class GanOptions:
     iters_per_epoch: int  # steps per epoch; authors: 1000 (EDSR loader, --test_every)
     milestones: tuple[int, ...]  # epochs after which both lrs are multiplied by lr_gamma; authors option.py: 200
     lr_gamma: float  # learning-rate factor per milestone; authors option.py: 0.5
-    image_every: int  # steps between monitoring grids; ours (report: every 10th batch)
+    image_every: int  # steps between monitoring grids, plus one at the last step; ours (report: every 10th batch)
     ckpt_every: int  # steps between checkpoints (also written at the end and on a stop signal); ours
     log_every: int  # steps per losses.csv row / MLflow log / progress line; ours
     workers: int  # DataLoader worker processes (0: load in the training process); ours

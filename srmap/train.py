@@ -230,7 +230,8 @@ def train_gan(opts: GanOptions, *, data_dir, out_dir, init_generator, gen_cfg, c
             ema_update(G_ema, G, opts.ema_beta)
             step += 1
 
-            if step % opts.image_every == 0 and s.info.main:
+            if (step % opts.image_every == 0 or step == s.total) and s.info.main:  # the last step always: the
+                # monitor/ folder is a declared output, so a run shorter than image_every still has one grid
                 png = monitor / f"step_{step:08d}.png"
                 with torch.no_grad(), autocast(s.device, s.amp):
                     sr_ema = consistent(G_ema(y_g, seed=0), y_g)

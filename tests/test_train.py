@@ -197,6 +197,16 @@ def test_gan_kill_and_resume_is_bit_identical(data_dir, init_generator, tmp_path
     assert float(rows[0]["noise_stem"]) == pytest.approx(5.0, abs=0.1)
 
 
+def test_a_run_shorter_than_image_every_still_writes_its_last_grid(data_dir, init_generator, tmp_path):
+    """monitor/ is a declared DVC/Snakemake output: a run of 4 steps with image_every 10 (and one of 3 with 2)
+    writes a grid at its last step, so the folder always exists."""
+    train_gan(**gan_kw(data_dir, tmp_path / "short", init_generator, image_every=10))
+    assert sorted(p.name for p in (tmp_path / "short" / "monitor").glob("*.png")) == ["step_00000004.png"]
+    train_gan(**gan_kw(data_dir, tmp_path / "odd", init_generator, epochs=1, iters_per_epoch=3))
+    assert sorted(p.name for p in (tmp_path / "odd" / "monitor").glob("*.png")) == ["step_00000002.png",
+                                                                                    "step_00000003.png"]
+
+
 def test_ema_update_is_the_authors_lerp():
     torch.manual_seed(0)
     model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
