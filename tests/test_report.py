@@ -153,28 +153,34 @@ window.addEventListener('load', function () {
 </script></body>"""
 
 
-def test_page_renders_in_headless_chromium(tmp_path):
+def _dump_dom_with(page: str, probe_script: str, out_dir, tmp_path) -> str:
+    """The DOM headless Chromium ends with after loading ``page`` with ``probe_script`` before </body>."""
     if CHROMIUM is None:
         if os.environ.get("CI") == "true":
             pytest.fail("chromium is required in CI (Debian package 'chromium') but was not found")
         pytest.skip("chromium not installed (Debian package 'chromium'); CI=true makes this a failure")
-    args = _inputs(tmp_path)
-    build_report(**args)
-    page = (args["out_dir"] / "index.html").read_text()
     assert page.count("</body>") == 1
-    probe = args["out_dir"] / "probe.html"  # same folder, so relative references would resolve too
-    probe.write_text(page.replace("</body>", PROBE))
+    probe = out_dir / "probe.html"  # same folder, so relative references would resolve too
+    probe.write_text(page.replace("</body>", probe_script))
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    m = re.search(r"images=(\d+) loaded=(\d+) rows=(\d+)", proc.stdout)
-    assert m, proc.stdout[-2000:]
+    return proc.stdout
+
+
+def test_page_renders_in_headless_chromium(tmp_path):
+    args = _inputs(tmp_path)
+    build_report(**args)
+    page = (args["out_dir"] / "index.html").read_text()
+    dom = _dump_dom_with(page, PROBE, args["out_dir"], tmp_path)
+    m = re.search(r"images=(\d+) loaded=(\d+) rows=(\d+)", dom)
+    assert m, dom[-2000:]
     images, loaded, rows = map(int, m.groups())
     assert images == 3 + 2 * 2 and loaded == images  # the figures, and per explorer panel a preview and a view
     assert rows == 3 + 6 + 3  # measured, published, all-numbers tables
-    assert "SRMAP (ours)" in proc.stdout and NOT_COMPARABLE in proc.stdout
+    assert "SRMAP (ours)" in dom and NOT_COMPARABLE in dom
 
 
 def test_measured_baselines_come_first_and_replace_their_copied_rows(tmp_path):
@@ -233,23 +239,13 @@ def test_sample_explorer_flips_views_and_moves_the_crop_in_headless_chromium(tmp
     """In a real browser: the panel opens on SRMAP sample 0 at the most textured window; a button shows another
     view, the arrow key the next one, and a click on the preview's corner moves to the last window; every
     state shows a different picture."""
-    if CHROMIUM is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium is required in CI (Debian package 'chromium') but was not found")
-        pytest.skip("chromium not installed (Debian package 'chromium'); CI=true makes this a failure")
     args = _inputs(tmp_path)
     build_report(**args)
     page = (args["out_dir"] / "index.html").read_text()
     assert "Sample explorer" in page and not re.search(r"(src|href)=[\"']?(https?:)?//", page)  # offline
-    probe = args["out_dir"] / "probe.html"
-    probe.write_text(page.replace("</body>", EXPLORER_PROBE))
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    states = dict(re.findall(r"(start|button0|right|click) (view=\d+ window=\d+ src=\S+)", proc.stdout))
-    assert set(states) == {"start", "button0", "right", "click"}, proc.stdout[-3000:]
+    dom = _dump_dom_with(page, EXPLORER_PROBE, args["out_dir"], tmp_path)
+    states = dict(re.findall(r"(start|button0|right|click) (view=\d+ window=\d+ src=\S+)", dom))
+    assert set(states) == {"start", "button0", "right", "click"}, dom[-3000:]
     data = json.loads(re.search(r'id="explorer-data">(.*?)</script>', page, re.S).group(1))
     labels, (w0, v0) = data[0]["labels"], data[0]["start"]
     assert labels[:4] == ["input LR (nearest x4)", "ground truth", "Generator w/ L1", "SRMAP sample 0"]
