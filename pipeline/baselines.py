@@ -1,7 +1,8 @@
 """Stage `baselines`: measure Bicubic and the published models of Table 2 under the same protocol as SRMAP.
 
-Reads params `<profile>.baselines` (which rows) and `<profile>.evaluate.crop_border` /
-`lpips_pretrained` (the same scoring as `evaluate`); reads the validation pairs in
+Reads params `<profile>.baselines` (which rows), `<profile>.evaluate.consistency` (a
+projected Bicubic row) and `<profile>.evaluate.crop_border` / `lpips_pretrained` (the
+same scoring as `evaluate`); reads the validation pairs in
 `data/<profile>/prepared/valid`. The official RRDB/ESRGAN weights are fetched into
 `models/baselines/` (SHA-256 verified; offline: put them there by hand). Writes
 `results/<profile>/baselines/eval/` (SR images, per-image CSVs, methods.json) and the
@@ -29,7 +30,8 @@ def main(ctx: StageContext) -> None:
     section, scoring = ctx.params["baselines"], ctx.params["evaluate"]
     valid = ctx.paths.prepared / "valid"
     methods = baseline_methods(section, root=ctx.root, models_dir=ctx.root / "models/baselines",
-                               gt_stems=sorted(p.stem for p in (valid / "hr").glob("*.png")))
+                               gt_stems=sorted(p.stem for p in (valid / "hr").glob("*.png")),
+                               consistency=scoring["consistency"])
     with Tracker(ctx.root, stage="baselines", profile=ctx.profile,
                  params={"baselines": section, "evaluate": scoring}, pipeline_params=ctx.params) as tracker:
         with atomic_dir(ctx.paths.baselines / "eval") as tmp:

@@ -24,9 +24,15 @@ def main(ctx: StageContext) -> None:
     from srmap.tracking import Tracker
 
     section = ctx.params["evaluate"]
-    # Table 2's rows of our own models, in order (Bicubic and published models: the baselines stage).
-    methods = [Method("l1", "Generator w/ L1 (ours)", ctx.paths.pretrain / "generator.pt"),
-               Method("srmap", "SRMAP (ours)", ctx.paths.train_gan / "generator.pt", samples=section["samples"])]
+    # Table 2's rows of our own models, in order (Bicubic and published models: the baselines stage), once per
+    # evaluate.consistency item: as they are ("none"), and projected onto the consistent images ("project").
+    methods = []
+    for mode in section["consistency"]:
+        slug, label = ("", "") if mode == "none" else ("_projected", " + projection")
+        methods += [Method(f"l1{slug}", f"Generator w/ L1{label} (ours)", ctx.paths.pretrain / "generator.pt",
+                           consistency=mode),
+                    Method(f"srmap{slug}", f"SRMAP{label} (ours)", ctx.paths.train_gan / "generator.pt",
+                           samples=section["samples"], consistency=mode)]
     with Tracker(ctx.root, stage="evaluate", profile=ctx.profile, params={"evaluate": section},
                  pipeline_params=ctx.params) as tracker:
         with atomic_dir(ctx.paths.results / "eval") as tmp:

@@ -129,7 +129,8 @@ def method_slug(name: str) -> str:
 
 
 def baseline_methods(section: Mapping[str, Any], *, root: Path, models_dir: Path, gt_stems: Sequence[str],
-                     base_url: str | None = None, progress: bool = True) -> list:
+                     base_url: str | None = None, progress: bool = True,
+                     consistency: Sequence[str] = ("none",)) -> list:
     """Table 2 rows of the ``baselines`` stage, in order: Bicubic, published models, checkpoints, external folders.
 
     ``section`` is a profile's ``baselines`` params: ``models`` (slugs of
@@ -137,7 +138,10 @@ def baseline_methods(section: Mapping[str, Any], *, root: Path, models_dir: Path
     false), ``checkpoints`` ({row name: checkpoint path}) and ``external``
     ({row name: folder of released SR images}); relative paths are taken from
     ``root``. ``gt_stems`` (sorted validation stems) fixes an external
-    folder's sample count. Returns ``srmap.evaluate.Method`` records. Raises
+    folder's sample count. ``consistency`` (evaluate.consistency) adds, for
+    "project", a Bicubic row projected onto the consistent images (as the
+    evaluate stage adds projected rows of its models); without "none" the
+    plain Bicubic row is left out. Returns ``srmap.evaluate.Method`` records. Raises
     FileNotFoundError naming a missing file or folder (for official weights:
     where to put it and its URL) and ValueError for clashing names.
     """
@@ -145,7 +149,9 @@ def baseline_methods(section: Mapping[str, Any], *, root: Path, models_dir: Path
     from srmap.evaluate import Method
 
     root = Path(root)
-    methods = [Method("bicubic", "Bicubic")]
+    methods = [Method("bicubic", "Bicubic")] if "none" in consistency else []
+    if "project" in consistency:
+        methods.append(Method("bicubic_projected", "Bicubic + projection", consistency="project"))
     for slug in section["models"]:
         try:
             path = fetch_weights(str(slug), models_dir, download=bool(section["download"]), base_url=base_url,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from srmap.options import SCALE, CriticConfig, GanOptions, GeneratorConfig, OptionError, PretrainOptions
+from srmap.options import CONSISTENCY, SCALE, CriticConfig, GanOptions, GeneratorConfig, OptionError, PretrainOptions
 
 NUM = (int, float)
 OPT_NUM = (int, float, type(None))  # a number or null
@@ -68,7 +68,7 @@ SCHEMA: dict[str, Any] = {
     "pretrain": options_schema(PretrainOptions),
     "train_gan": options_schema(GanOptions),
     "evaluate": {"samples": int, "noise_scale": NUM, "crop_border": int, "lpips_pretrained": bool, "tile": int,
-                 "tile_pad": int},
+                 "tile_pad": int, "consistency": list},
     "baselines": {"models": list, "checkpoints": dict, "external": dict, "download": bool, "tile": int,
                   "tile_pad": OPT_INT},
     "report": {"crop_size": int, "seed": int},
@@ -78,6 +78,9 @@ SCHEMA: dict[str, Any] = {
 # Allowed values. Only x4: the generator, training, evaluation and report are built for 4.
 # (The options records check their own ranges and choices, e.g. train_gan.adv_loss.)
 CHOICES = {"data.source": ("skimage", "div2k"), "data.scale": (SCALE,)}
+# Lists whose items come from a fixed set (non-empty, no repeats): evaluate.consistency gives Table 2 a row of
+# each model per item ("project": its outputs projected onto the consistent images, srmap.resize).
+LIST_CHOICES = {"evaluate.consistency": CONSISTENCY}
 
 
 class ConfigError(ValueError):
@@ -186,6 +189,12 @@ def validate(doc: Any, profile: str | None = None, fname: str = "params.yaml") -
         if section[sec][key] not in allowed:
             expected = f"{allowed[0]!r}" if len(allowed) == 1 else f"one of {allowed}"
             raise ConfigError(f"{fname}: key '{name}.{dotted}' must be {expected}, got {section[sec][key]!r}")
+    for dotted, allowed in LIST_CHOICES.items():
+        sec, key = dotted.split(".")
+        items = section[sec][key]
+        if not items or len(set(map(str, items))) != len(items) or any(i not in allowed for i in items):
+            raise ConfigError(f"{fname}: key '{name}.{dotted}' must be a non-empty list of distinct values from "
+                              f"{list(allowed)}, got {items!r}")
     for dotted, cls in OPTIONS.items():
         node = section
         for part in dotted.split("."):

@@ -30,7 +30,7 @@ import numpy as np
 
 from srmap.imageio import read_rgb8, write_png
 from srmap.metrics import LPIPS, FidelityReference, diversity_score, lpips_of_maps, lr_psnr_to, ntire_crop
-from srmap.options import SCALE
+from srmap.options import CONSISTENCY, SCALE
 from srmap.utils import atomic_path
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ class Method:
     checkpoint: Path | None = None  # any x4 checkpoint srmap.loaders.load_sr_model reads; None = MATLAB bicubic
     samples: int = 1  # SR outputs per LR image: 1 = deterministic (noise off), N > 1 = seeds 0..N-1
     sr_dir: Path | None = None  # released SR images to score as they are (no checkpoint): NTIRE or _s<k> layout
+    consistency: str = "none"  # "project": every output mapped onto the images whose bicubic x1/4 is the LR input
 
     def __post_init__(self):
         if not _SLUG.fullmatch(self.slug):
@@ -63,6 +64,11 @@ class Method:
             raise ValueError(f"method {self.slug!r}: give a checkpoint or a folder of SR images, not both")
         if self.checkpoint is None and self.sr_dir is None and self.samples != 1:
             raise ValueError(f"method {self.slug!r}: bicubic is deterministic, samples must be 1")
+        if self.consistency not in CONSISTENCY:
+            raise ValueError(f"method {self.slug!r}: consistency must be one of {', '.join(CONSISTENCY)}, "
+                             f"got {self.consistency!r}")
+        if self.consistency != "none" and self.sr_dir is not None:
+            raise ValueError(f"method {self.slug!r}: released SR images are scored as they are (consistency none)")
 
 
 def _gt_files(gt_dir: Path) -> list[Path]:
@@ -270,9 +276,9 @@ def _generate(method: Method, lr_files: list[Path], sr_dir: Path, *, noise_scale
     """
     from tqdm import tqdm
 
+    from srmap.inference import PROJECTION_ITERATIONS, upscale_image
     from srmap.loaders import load_sr_model
-    from srmap.resize import imresize
-    from srmap.inference import upscale_image
+    from srmap.resize import imresize, project_consistent_box
 
     G = None if method.checkpoint is None else load_sr_model(Path(method.checkpoint), device=device)
     if method.samples > 1 and getattr(G, "deterministic", False):
@@ -280,11 +286,18 @@ def _generate(method: Method, lr_files: list[Path], sr_dir: Path, *, noise_scale
     noise = noise_scale if method.samples > 1 else 0.0
     for lr_path in tqdm(lr_files, desc=f"upscale {method.slug}", unit="img", file=sys.stderr):
         lr = read_rgb8(lr_path)
-        if G is None:
+        if G is None and method.consistency == "project":  # bicubic in float, then the same projection
+            import torch
+
+            y = torch.from_numpy(lr).permute(2, 0, 1)[None].double() / 255
+            up = project_consistent_box(imresize(y, float(SCALE)), y, iterations=PROJECTION_ITERATIONS)
+            write_png(sr_dir / f"{lr_path.stem}.png", (up[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        elif G is None:
             write_png(sr_dir / f"{lr_path.stem}.png", imresize(lr, SCALE))
         else:
             for k in range(method.samples):
-                sr = upscale_image(G, lr, seed=k, noise_scale=noise, tile=tile, tile_pad=tile_pad, device=device)
+                sr = upscale_image(G, lr, seed=k, noise_scale=noise, tile=tile, tile_pad=tile_pad, device=device,
+                                   consistency=method.consistency)
                 name = f"{lr_path.stem}.png" if method.samples == 1 else f"{lr_path.stem}_s{k}.png"
                 write_png(sr_dir / name, sr)
 
@@ -349,7 +362,7 @@ def evaluate_stage(*, valid_dir: Path, methods: Sequence[Method], out_dir: Path,
         metrics[method.slug] = {**{k: summary[k] for k in METRICS}, "samples": method.samples,
                                 "images": summary["images"]}
     info = {"lpips": {"pretrained": lpips.pretrained, "weights": lpips.weights},
-            "methods": [{"slug": m.slug, "label": m.label, "samples": m.samples,
+            "methods": [{"slug": m.slug, "label": m.label, "samples": m.samples, "consistency": m.consistency,
                          "checkpoint": _shown_path(m.checkpoint), "sr_dir": _shown_path(m.sr_dir)}
                         for m in methods]}
     atomic_write_json(out_dir / "methods.json", info)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from srmap.imageio import IMAGE_SUFFIXES, read_image, save_png
-from srmap.options import SCALE
+from srmap.options import CONSISTENCY, SCALE
 from srmap.utils import atomic_path
 
 if TYPE_CHECKING:
@@ -113,7 +113,6 @@ def upscale_tensor(G: Generator, lr: torch.Tensor, *, seed: int | None = None, n
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}  # --precision -> autocast dtype
 
 
-CONSISTENCY = ("none", "project")  # --consistency
 PROJECTION_ITERATIONS = 10  # alternating projections with the [0, 1] box (srmap.resize.project_consistent_box)
 
 

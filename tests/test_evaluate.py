@@ -1,6 +1,7 @@
 """Evaluation library: file layouts, per-image aggregation, dataset means, the evaluate stage."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -174,6 +175,10 @@ def test_method_record_validates():
         Method("x", "X", samples=0)
     with pytest.raises(ValueError, match="bicubic is deterministic"):
         Method("bicubic", "Bicubic", None, samples=3)
+    with pytest.raises(ValueError, match="consistency must be one of none, project"):
+        Method("x", "X", consistency="exact")
+    with pytest.raises(ValueError, match="scored as they are"):
+        Method("x", "X", sr_dir=Path("."), consistency="project")
 
 
 def test_evaluate_stage_with_real_generators(tmp_path):
@@ -224,3 +229,38 @@ def test_evaluate_stage_with_real_generators(tmp_path):
     with pytest.raises(ValueError, match="distinct slugs"):
         evaluate_stage(valid_dir=valid, methods=methods[:1] * 2, out_dir=out, noise_scale=1.0, crop_border=4,
                        lpips_pretrained=False, tile=0, tile_pad=16, device="cpu")
+
+
+def test_projected_rows_reach_the_consistency_mark(tmp_path):
+    """evaluate.consistency 'project': Bicubic and a generator's samples, projected, score LR-PSNR >= 45 dB (NTIRE
+    2021's consistency mark) where the plain outputs score far less, and the projected samples still differ."""
+    from srmap.checkpoint import save_generator
+    from srmap.nets import Generator, GeneratorConfig
+
+    cfg = GeneratorConfig(stem_width=8, feature_widths=(8, 8, 8), blocks_per_stage=(1,), compression=2,
+                          kernel_size=3)
+    torch.manual_seed(0)
+    G = Generator(cfg)
+    with torch.no_grad():  # untrained, its toRGB layers are 0 and the noise would not reach the output
+        for p in G.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    G.set_noise_scales(10.0)
+    save_generator(tmp_path / "g.pt", G, cfg, {})
+    valid = tmp_path / "valid"
+    from skimage import data
+
+    for stem, img in (("a", data.astronaut()), ("b", data.chelsea())):
+        hr = np.ascontiguousarray(img[:96, :128, :3])
+        _write(valid / "hr" / f"{stem}.png", hr)
+        _write(valid / "lr" / f"{stem}.png", imresize(hr, 0.25))
+    methods = [Method(slug, slug, ckpt, samples=n, consistency=mode)
+               for mode in ("none", "project") for slug, ckpt, n in
+               [(f"bicubic_{mode}", None, 1), (f"g_{mode}", tmp_path / "g.pt", 3)]]
+    metrics, info = evaluate_stage(valid_dir=valid, methods=methods, out_dir=tmp_path / "eval", noise_scale=1.0,
+                                   crop_border=4, lpips_pretrained=False, tile=0, tile_pad=16, device="cpu")
+    for name in ("bicubic", "g"):
+        assert metrics[f"{name}_project"]["lr_psnr_worst"] >= 45, metrics
+        assert metrics[f"{name}_none"]["lr_psnr"] < metrics[f"{name}_project"]["lr_psnr"] - 5, metrics
+    samples = [np.asarray(Image.open(tmp_path / "eval" / "sr" / "g_project" / f"a_s{k}.png")) for k in range(3)]
+    assert (samples[0] != samples[1]).any() and (samples[1] != samples[2]).any()  # the projection keeps the spread
+    assert [m["consistency"] for m in info["methods"]] == ["none", "none", "project", "project"]
