@@ -31,6 +31,8 @@ demo: setup
 	@grep -q '^profile: demo' params.yaml || { echo "params.yaml selects another profile; run 'srmap profile demo' first" >&2; exit 2; }
 	dvc repro
 	@echo
+	@sed -n '/^## Measured/,/^LPIPS weights/p' reports/demo/table2.md
+	@echo
 	@echo "Report: $(CURDIR)/reports/demo/index.html   (table: reports/demo/table2.md)"
 	@echo "MLflow: make mlflow-ui   (store: $(CURDIR)/mlflow.db)"
 
