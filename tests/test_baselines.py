@@ -282,7 +282,7 @@ def test_baselines_stage_scores_a_checkpoint_and_released_results(stage_clone):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = stage_clone / "results" / "demo" / "baselines"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert list(metrics) == ["bicubic", "esrgan_fabricated", "ncsr"]
+    assert list(metrics) == ["bicubic", "bicubic_projected", "esrgan_fabricated", "ncsr"]
     for slug, leaves in metrics.items():
         assert all(re.fullmatch(r"[a-z0-9_]+", k) and isinstance(v, (int, float)) for k, v in leaves.items()), slug
     assert metrics["ncsr"]["samples"] == 3 and metrics["ncsr"]["diversity"] > 0

@@ -143,4 +143,5 @@ def test_two_process_ddp_matches_single_process(tmp_path, monkeypatch):
     for k in d:
         torch.testing.assert_close(d[k], s[k], rtol=0, atol=1e-5, msg=f"critic weight {k}")
     # Rank 0 alone wrote the monitoring grids.
-    assert sorted(p.name for p in (tmp_path / "ddp" / "gan" / "monitor").iterdir()) == ["step_00000002.png"]
+    assert sorted(p.name for p in (tmp_path / "ddp" / "gan" / "monitor").iterdir()) == ["step_00000002.png",
+                                                                                         "step_00000003.png"]
