@@ -188,9 +188,9 @@ def build_entries(*, stems: Sequence[str], hr_images: dict, lr_dir: Path, sr_pat
 
     ``sr_paths(role, stem)`` returns the list of SR files of a method for an
     image (or raises FileNotFoundError when it has none), for the roles
-    'bicubic' (optional), 'l1' and 'srmap' (its samples); they are shown in that
-    order after the LR and the ground truth, then the spread of the SRMAP
-    samples. ``hr_images`` maps stems to uint8 HxWx3 ground truths.
+    'bicubic' (optional), 'l1', 'srmap' (its samples) and 'srmap_projected'
+    (optional); they are shown in that order after the LR and the ground
+    truth, then the spread of the (plain) SRMAP samples. ``hr_images`` maps stems to uint8 HxWx3 ground truths.
     """
     from srmap.imageio import read_rgb8
 
@@ -205,6 +205,11 @@ def build_entries(*, stems: Sequence[str], hr_images: dict, lr_dir: Path, sr_pat
         samples = [read_rgb8(p) for p in sr_paths("srmap", stem)]
         first_sample = len(views)
         views += [View(f"SRMAP sample {k}", s) for k, s in enumerate(samples)]
+        try:  # the projected samples, when evaluate.consistency includes "project"
+            views += [View(f"SRMAP + projection, sample {k}", read_rgb8(p))
+                      for k, p in enumerate(sr_paths("srmap_projected", stem))]
+        except (FileNotFoundError, ValueError):
+            pass
         if len(samples) > 1:
             h, w = min(s.shape[0] for s in samples), min(s.shape[1] for s in samples)
             views.append(spread_view([s[:h, :w] for s in samples]))

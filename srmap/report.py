@@ -451,9 +451,9 @@ EXPLORER_CROP = 128  # largest HR window in the explorer (px): keeps the page to
 
 
 def _explorer_paths(info: Mapping, results_dir: Path, baselines: tuple[Mapping, Path] | None):
-    """sr_paths(role, stem) for the explorer ('bicubic', 'l1', 'srmap'): evaluate's methods from ``results_dir``,
-    Bicubic from the baselines stage's folder."""
-    slugs = {"bicubic": BICUBIC_SLUG, "l1": L1_SLUG, "srmap": SRMAP_SLUG}
+    """sr_paths(role, stem) for the explorer ('bicubic', 'l1', 'srmap', 'srmap_projected'): evaluate's methods from
+    ``results_dir``, Bicubic from the baselines stage's folder."""
+    slugs = {"bicubic": BICUBIC_SLUG, "l1": L1_SLUG, "srmap": SRMAP_SLUG, "srmap_projected": f"{SRMAP_SLUG}_projected"}
 
     def paths(role: str, stem: str) -> list[Path]:
         slug = slugs[role]

@@ -255,3 +255,36 @@ def test_sample_explorer_flips_views_and_moves_the_crop_in_headless_chromium(tmp
     assert states["right"].startswith(f"view=1 window={w0}")  # the ground truth
     assert states["click"].startswith("view=1 window=5")  # 2 x 3 windows of 16 px in a 40x48 image
     assert len(set(states.values())) == 4 or w0 == 5  # each move shows another picture
+
+
+def test_explorer_views_follow_the_methods_present(tmp_path):
+    """LR, GT, Bicubic (when the baselines ran), L1, every SRMAP sample, the projected samples (when
+    evaluate.consistency has "project"), then the spread; the windows tile the image inside its bounds."""
+    from srmap.explorer import build_entries, windows
+
+    hr = _rand(40, 48, 0)
+    _write(tmp_path / "lr" / "a.png", hr[::4, ::4])
+    files = {}
+    for role, n in (("bicubic", 1), ("l1", 1), ("srmap", 2), ("srmap_projected", 2)):
+        files[role] = [tmp_path / role / f"a_{k}.png" for k in range(n)]
+        for k, path in enumerate(files[role]):
+            _write(path, _rand(40, 48, 10 * len(role) + k))
+
+    def paths(role, stem, present=("bicubic", "l1", "srmap", "srmap_projected")):
+        if role not in present:
+            raise FileNotFoundError(role)
+        return files[role]
+
+    (entry,) = build_entries(stems=["a"], hr_images={"a": hr}, lr_dir=tmp_path / "lr", sr_paths=paths, crop=16,
+                             grid=3, max_images=4)
+    assert entry["labels"][:4] == ["input LR (nearest x4)", "ground truth", "Bicubic", "Generator w/ L1"]
+    assert entry["labels"][4:8] == ["SRMAP sample 0", "SRMAP sample 1", "SRMAP + projection, sample 0",
+                                    "SRMAP + projection, sample 1"]
+    assert entry["labels"][8].startswith("spread") and len(entry["labels"]) == 9
+    assert all(len(row) == 9 for row in entry["crops"]) and entry["start"][1] == 4
+    (plain,) = build_entries(stems=["a"], hr_images={"a": hr}, lr_dir=tmp_path / "lr",
+                             sr_paths=lambda r, s: paths(r, s, ("l1", "srmap")), crop=16, grid=3, max_images=4)
+    assert "Bicubic" not in plain["labels"] and not any("projection" in label for label in plain["labels"])
+    assert windows(40, 48, 16, 3) == [(0, 0), (0, 16), (0, 32), (24, 0), (24, 16), (24, 32)]
+    with pytest.raises(ValueError, match="does not fit"):
+        windows(40, 48, 44, 3)
