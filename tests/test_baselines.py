@@ -289,7 +289,9 @@ def test_baselines_stage_scores_a_checkpoint_and_released_results(stage_clone):
     assert metrics["esrgan_fabricated"]["samples"] == 1 and metrics["esrgan_fabricated"]["diversity"] == 0
     info = json.loads((out / "eval" / "methods.json").read_text())
     assert [m["label"] for m in info["methods"]] == ["Bicubic", "Bicubic + projection", "ESRGAN (fabricated)", "NCSR"]
-    assert info["methods"][2]["sr_dir"].endswith("released/NCSR")
+    by_slug = {m["slug"]: m for m in info["methods"]}
+    assert by_slug["ncsr"]["sr_dir"].endswith("released/NCSR") and by_slug["ncsr"]["consistency"] == "none"
+    assert by_slug["bicubic_projected"]["consistency"] == "project"
     assert (out / "eval" / "sr" / "esrgan_fabricated" / "a.png").is_file()
     assert not (out / "eval" / "sr" / "ncsr").exists()  # released results are scored where they are
 
