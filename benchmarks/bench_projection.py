@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_model import interleaved, load_profile  # noqa: E402
 from benchmarks.bench_noise import report  # noqa: E402
-from srmap.inference import PROJECTION_ITERATIONS  # noqa: E402
 from srmap.nets import Generator  # noqa: E402
 from srmap.resize import imresize, project_consistent, project_consistent_box  # noqa: E402
 
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     calls = {"demo G forward (510x339 -> 2040x1356)": generate,
              "projection, float64": lambda: project_consistent(x, lr),
              "projection, float32": lambda: project_consistent(x.float(), lr32),
-             f"box projection x{PROJECTION_ITERATIONS}, float64": lambda: project_consistent_box(x, lr)}
+             "box projection (10 rounds), float64": lambda: project_consistent_box(x, lr)}
     generate(), project_consistent(hr32, lr32)  # build the cached projector matrices before timing
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), median of {args.iters}")
     report("projection of a 2040x1356 output against one demo-G forward", interleaved(calls, args.iters, 1, "cpu"),

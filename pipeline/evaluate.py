@@ -21,6 +21,7 @@ from srmap.utils import atomic_dir, atomic_write_json  # noqa: E402
 
 def main(ctx: StageContext) -> None:
     from srmap.evaluate import Method, evaluate_stage, log_scores
+    from srmap.options import PROJECTED
     from srmap.tracking import Tracker
 
     section = ctx.params["evaluate"]
@@ -28,7 +29,7 @@ def main(ctx: StageContext) -> None:
     # evaluate.consistency item: as they are ("none"), and projected onto the consistent images ("project").
     methods = []
     for mode in section["consistency"]:
-        slug, label = ("", "") if mode == "none" else ("_projected", " + projection")
+        slug, label = ("", "") if mode == "none" else PROJECTED
         methods += [Method(f"l1{slug}", f"Generator w/ L1{label} (ours)", ctx.paths.pretrain / "generator.pt",
                            consistency=mode),
                     Method(f"srmap{slug}", f"SRMAP{label} (ours)", ctx.paths.train_gan / "generator.pt",

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from srmap.options import SCALE
+from srmap.options import PROJECTED, SCALE
 
 
 
@@ -151,7 +151,7 @@ def baseline_methods(section: Mapping[str, Any], *, root: Path, models_dir: Path
     root = Path(root)
     methods = [Method("bicubic", "Bicubic")] if "none" in consistency else []
     if "project" in consistency:
-        methods.append(Method("bicubic_projected", "Bicubic + projection", consistency="project"))
+        methods.append(Method(f"bicubic{PROJECTED[0]}", f"Bicubic{PROJECTED[1]}", consistency="project"))
     for slug in section["models"]:
         try:
             path = fetch_weights(str(slug), models_dir, download=bool(section["download"]), base_url=base_url,

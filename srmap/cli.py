@@ -227,12 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     are removed, never left half-written).
     """
     import signal
-    import threading
     import warnings
 
     from srmap.config import ConfigError
     from srmap.imageio import ImageConversionWarning
-    from srmap.utils import Interrupted
+    from srmap.utils import Interrupted, signals_raise_interrupted
 
     args = build_parser().parse_args(argv)
     show = warnings.showwarning
@@ -243,13 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             show(message, category, filename, lineno, file, line)
 
-    def stop(signum, frame):
-        raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
-
     warnings.showwarning = one_line
-    old = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
     try:
-        return int(args.func(args) or 0)
+        with signals_raise_interrupted([signal.SIGTERM]):
+            return int(args.func(args) or 0)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"srmap {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -261,8 +257,6 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGINT
     finally:
         warnings.showwarning = show
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

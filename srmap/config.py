@@ -16,7 +16,6 @@ import os
 import re
 import signal
 import sys
-import threading
 import types
 import typing
 from dataclasses import dataclass
@@ -266,23 +265,17 @@ def stage_main(stage: str, body: Callable[[StageContext], None], argv: list[str]
     Ctrl-C end the stage with one line and exit status 128 + the signal (143,
     138, 130), so MLflow marks its run KILLED.
     """
-    from srmap.utils import Interrupted, project_root
+    from srmap.utils import Interrupted, project_root, signals_raise_interrupted
 
     root = project_root()
     ap = argparse.ArgumentParser(prog=f"pipeline/{stage}.py", description=f"SRMAP pipeline stage '{stage}'.")
     ap.add_argument("--profile", help="profile in params.yaml (default: its 'profile' key)")
     ap.add_argument("--params", type=Path, default=root / "params.yaml", help="parameters file")
     args = ap.parse_args(argv)
-
-    def stop(signum, frame):
-        raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
-
-    if threading.current_thread() is threading.main_thread():
-        for num in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(num, stop)
     try:
-        profile, params = load_params(args.params, args.profile)
-        body(StageContext(root=root, profile=profile, params=params, paths=Paths(root, profile)))
+        with signals_raise_interrupted([signal.SIGTERM, signal.SIGUSR1]):
+            profile, params = load_params(args.params, args.profile)
+            body(StageContext(root=root, profile=profile, params=params, paths=Paths(root, profile)))
     except Interrupted as exc:
         print(f"srmap {stage}: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None

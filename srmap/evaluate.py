@@ -276,9 +276,9 @@ def _generate(method: Method, lr_files: list[Path], sr_dir: Path, *, noise_scale
     """
     from tqdm import tqdm
 
-    from srmap.inference import PROJECTION_ITERATIONS, upscale_image
+    from srmap.inference import consistent_image, upscale_image
     from srmap.loaders import load_sr_model
-    from srmap.resize import imresize, project_consistent_box
+    from srmap.resize import imresize
 
     G = None if method.checkpoint is None else load_sr_model(Path(method.checkpoint), device=device)
     if method.samples > 1 and getattr(G, "deterministic", False):
@@ -290,8 +290,7 @@ def _generate(method: Method, lr_files: list[Path], sr_dir: Path, *, noise_scale
             import torch
 
             y = torch.from_numpy(lr).permute(2, 0, 1)[None].double() / 255
-            up = project_consistent_box(imresize(y, float(SCALE)), y, iterations=PROJECTION_ITERATIONS)
-            write_png(sr_dir / f"{lr_path.stem}.png", (up[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            write_png(sr_dir / f"{lr_path.stem}.png", consistent_image(imresize(y, float(SCALE)), y))
         elif G is None:
             write_png(sr_dir / f"{lr_path.stem}.png", imresize(lr, SCALE))
         else:

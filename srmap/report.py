@@ -23,7 +23,7 @@ import numpy as np
 
 from srmap.explorer import EXPLORER_CSS, build_entries, explorer_html, stochasticity_map
 from srmap.imageio import read_rgb8
-from srmap.options import LOSSES, SCALE
+from srmap.options import LOSSES, PROJECTED, SCALE
 from srmap.utils import atomic_path, atomic_write_text
 
 HEADERS = ["LPIPS ↓", "LR-PSNR ↑", "diversity ↑", "PSNR ↑", "SSIM ↑"]
@@ -453,7 +453,7 @@ EXPLORER_CROP = 128  # largest HR window in the explorer (px): keeps the page to
 def _explorer_paths(info: Mapping, results_dir: Path, baselines: tuple[Mapping, Path] | None):
     """sr_paths(role, stem) for the explorer ('bicubic', 'l1', 'srmap', 'srmap_projected'): evaluate's methods from
     ``results_dir``, Bicubic from the baselines stage's folder."""
-    slugs = {"bicubic": BICUBIC_SLUG, "l1": L1_SLUG, "srmap": SRMAP_SLUG, "srmap_projected": f"{SRMAP_SLUG}_projected"}
+    slugs = {"bicubic": BICUBIC_SLUG, "l1": L1_SLUG, "srmap": SRMAP_SLUG, "srmap_projected": SRMAP_SLUG + PROJECTED[0]}
 
     def paths(role: str, stem: str) -> list[Path]:
         slug = slugs[role]

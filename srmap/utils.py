@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import shutil
@@ -99,6 +100,34 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
                                 f"({free_space(path.parent)} free in {path.parent}); the previous "
                                 f"{path.name}, if any, is intact") from exc
         raise
+
+
+def stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Temporary files :func:`atomic_path` made for ``path`` that were never renamed into place (a killed run's)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*{glob.escape(path.suffix)}.tmp"))
+
+
+@contextlib.contextmanager
+def signals_raise_interrupted(signums) -> Iterator[None]:
+    """Within the block, each of ``signums`` raises :class:`Interrupted` (so ``finally`` and :func:`atomic_path`
+    clean up); the previous handlers come back on exit. A no-op outside the main thread, which alone may set them."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
+
+    old = {num: signal.signal(num, stop) for num in signums}
+    try:
+        yield
+    finally:
+        for num, handler in old.items():
+            signal.signal(num, handler)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
