@@ -293,6 +293,8 @@ def _begin(stage: str, opts, out_dir: Any, resolved: dict, device: str | None) -
             print(f"{stage}: resuming {ckpt_path} at step {ckpt['step']}, written by other code "
                   f"(code_sha256 {str(old)[:12]} -> {resolved['code_sha256'][:12]}); recorded in "
                   f"training_options.json", file=sys.stderr, flush=True)
+    elif ckpt and info.main:
+        print(f"{stage}: resuming {ckpt_path} at step {ckpt['step']}", file=sys.stderr, flush=True)
     resolved = dict(resolved, code_history=history)
     seed_all(opts.seed)  # model initialisation is identical on every rank
     if dev.type == "cuda":

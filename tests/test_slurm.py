@@ -359,3 +359,48 @@ def test_dvc_commit_adopts_the_cluster_outputs(slurm_run):
     proc = run(["dvc", "repro"], slurm_run, env, 600)
     assert proc.returncode == 0, tail(proc.stdout)
     assert "Running stage" not in proc.stdout, tail(proc.stdout)
+
+
+def generator_weights(path: Path) -> dict:
+    """The state dict saved in a generator.pt (CPU tensors)."""
+    import torch
+
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return blob.get("state_dict", blob) if isinstance(blob, dict) else blob
+
+
+@pytest.mark.slurm
+def test_train_gan_spans_jobs_past_the_time_limit(slurm_run, cluster, tmp_path_factory):
+    # A one-minute job limit, with SIGUSR1 30 s ahead of it: the demo's train_gan (about
+    # 90 s of steps plus start-up) cannot finish in one job. Each job stops at a step
+    # boundary with a checkpoint, the profile's retries resubmit it, the next job resumes,
+    # and the final generator equals the uninterrupted run's.
+    tree = Path(tmp_path_factory.mktemp("slurm-timelimit")) / "srmap"
+    shutil.copytree(slurm_run, tree, symlinks=True)
+    reference = generator_weights(slurm_run / "models" / "demo" / "train_gan" / "generator.pt")
+    old_logs = set((tree / ".snakemake" / "slurm_logs" / "rule_train_gan").glob("*.log"))
+    threads = tool_env()["OMP_NUM_THREADS"]
+    proc = run([str(VENV_BIN / "snakemake"), "--profile", "slurm", "--forcerun", "train_gan",
+                "--set-threads", f"train_gan={threads}",
+                "--set-resources", "train_gan:runtime=1", "train_gan:slurm_extra='--signal=USR1@30'",
+                "--slurm-init-seconds-before-status-checks", "5", "--", "models/demo/train_gan/generator.pt"],
+               tree, cluster.env(tree), SLURM_RUN_TIMEOUT_S)
+    (tree / "slurm-timelimit.log").write_text(proc.stdout)
+    assert proc.returncode == 0, f"snakemake failed (rc {proc.returncode}):\n{tail(proc.stdout)}"
+    assert "rule pretrain:" not in proc.stdout, "only train_gan was to run"
+    jobs = sorted(set((tree / ".snakemake" / "slurm_logs" / "rule_train_gan").glob("*.log")) - old_logs,
+                  key=lambda p: int(p.stem))
+    records = squeue_records(cluster)
+    states = [records.get(p.stem, ("?", ""))[0] for p in jobs]
+    assert len(jobs) >= 2 and states[-1] == "COMPLETED", (states, tail(proc.stdout))
+    assert all(s in ("FAILED", "TIMEOUT") for s in states[:-1]), states
+    # the finished checkpoint of the first run was set aside, not overwritten
+    aside = list((tree / "models" / "demo" / "train_gan").glob("checkpoint.step*.rerun.pt"))
+    assert len(aside) == 1, sorted(p.name for p in (tree / "models" / "demo" / "train_gan").iterdir())
+    # every job after the first resumed from its predecessor's checkpoint
+    job_logs = [p.read_text() for p in jobs]
+    assert all("train_gan: resuming" in text for text in job_logs[1:]), tail(job_logs[-1], 3000)
+    ours = generator_weights(tree / "models" / "demo" / "train_gan" / "generator.pt")
+    assert ours.keys() == reference.keys()
+    differ = [k for k in reference if not __import__("torch").equal(ours[k], reference[k])]
+    assert not differ, f"{len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:3]}"
