@@ -9,19 +9,23 @@
 * :func:`count_samples` finds how many samples a folder of released SR
   images (NCSR, SRFlow, ...) holds per image, in either layout that
   ``srmap.evaluate`` reads.
+  ``SRMAP_BASELINES_JSON`` names a replacement for baselines.json (mirrors, or
+  the fabricated weights of scripts/rehearse_paper.py).
 * :func:`baseline_methods` turns a profile's ``baselines`` section into the
   Table 2 rows (``srmap.evaluate.Method``) the ``baselines`` stage scores.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from srmap.options import PROJECTED, SCALE
+from srmap.utils import read_metadata
+
+METADATA_ENV = "SRMAP_BASELINES_JSON"  # a replacement for srmap/baselines.json (mirrors, the paper-path rehearsal)
 
 
 
@@ -39,7 +43,7 @@ class Weights:
 
 
 def _load_weights() -> dict[str, Weights]:
-    entries = json.loads(Path(__file__).with_name("baselines.json").read_text())
+    entries = read_metadata(Path(__file__).with_name("baselines.json"), METADATA_ENV)
     return {slug: Weights(slug=slug, **entry) for slug, entry in entries.items() if not slug.startswith("_")}
 
 

@@ -60,7 +60,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
 
     Uses ``torch.load(weights_only=True)``; a file that needs arbitrary
     unpickling (e.g. a crafted ``__reduce__`` payload) is refused with a
-    ValueError naming the file, and nothing in it is executed.
+    ValueError naming the file, and nothing in it is executed. A truncated,
+    empty or foreign file raises ValueError naming it (one line); a missing
+    one FileNotFoundError.
     """
     path = Path(path)
     if not path.is_file():
@@ -74,8 +76,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
                      lines[0] if lines else type(exc).__name__)
         raise ValueError(f"checkpoint {path} holds objects that torch.load(weights_only=True) refuses "
                          f"to rebuild (not an SRMAP checkpoint, or a tampered one): {first}") from exc
-    except (RuntimeError, EOFError) as exc:
-        raise ValueError(f"checkpoint {path} could not be read (truncated or not a torch file?): {exc}") from exc
+    except PermissionError as exc:
+        raise PermissionError(f"checkpoint {path}: permission denied") from exc
+    except (RuntimeError, EOFError, OSError) as exc:  # a truncated zip is OSError EINVAL in torch's reader
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"checkpoint {path} could not be read (truncated or not a torch file?): {reason}") from exc
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}; expected a dict")
     return obj

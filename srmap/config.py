@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import sys
+import time
 import types
 import typing
 from dataclasses import dataclass
@@ -255,6 +256,23 @@ class StageContext:
     paths: Paths
 
 
+def peak_memory() -> str:
+    """This process's peak memory so far, for a stage's last line: the peak resident set (GiB) of the
+    process and of its largest finished child process (DataLoader or pool workers), and the CUDA
+    allocator's peak (GiB) when CUDA was used. Source: getrusage(2) ``ru_maxrss`` (KiB on Linux)."""
+    import resource
+
+    gib = 1024 ** 2  # KiB per GiB
+    parts = [f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / gib:.2f} GiB"]
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if children:
+        parts.append(f"largest worker {children / gib:.2f} GiB")
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        parts.append(f"CUDA peak allocated {torch.cuda.max_memory_allocated() / 1024 ** 3:.2f} GiB")
+    return ", ".join(parts)
+
+
 def stage_main(stage: str, body: Callable[[StageContext], None], argv: list[str] | None = None) -> None:
     """Run a pipeline stage script: parse ``--profile``/``--params``, validate, call ``body``.
 
@@ -275,7 +293,9 @@ def stage_main(stage: str, body: Callable[[StageContext], None], argv: list[str]
     try:
         with signals_raise_interrupted([signal.SIGTERM, signal.SIGUSR1]):
             profile, params = load_params(args.params, args.profile)
+            started = time.monotonic()
             body(StageContext(root=root, profile=profile, params=params, paths=Paths(root, profile)))
+        print(f"srmap {stage}: done in {time.monotonic() - started:.1f} s; {peak_memory()}", file=sys.stderr)
     except Interrupted as exc:
         print(f"srmap {stage}: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None

@@ -9,12 +9,13 @@ failure never leaves a half-extracted split behind.
 Offline: put ``DIV2K_train_HR.zip`` / ``DIV2K_valid_HR.zip`` in a folder and
 set ``SRMAP_DIV2K_ARCHIVES`` to it (or put them in ``data/archives``); they are
 verified against ``srmap/div2k.json`` and used instead of downloading.
+``SRMAP_DIV2K_JSON`` names a replacement for that file (a mirror's URLs, or the
+stand-in archives of scripts/rehearse_paper.py with their own checksums).
 """
 
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import shutil
 import socket
@@ -29,16 +30,17 @@ from typing import Collection, Sequence
 from tqdm import tqdm
 
 from srmap.imageio import DEFAULT_MAX_PIXELS
-from srmap.utils import atomic_dir, sha256_file
+from srmap.utils import atomic_dir, read_metadata, sha256_file
 
 ARCHIVES_ENV = "SRMAP_DIV2K_ARCHIVES"  # folder holding hand-placed DIV2K zips
+METADATA_ENV = "SRMAP_DIV2K_JSON"  # a replacement for srmap/div2k.json (mirrors, the paper-path rehearsal)
 _CHUNK = 1 << 20  # bytes per read/write
 _BYTES_PER_PIXEL = 8  # largest PNG pixel (16-bit RGBA); bounds a member's honest decompressed size
 
 
 def _load_metadata() -> dict[str, dict]:
     """Per split ('train', 'valid'): url, archive, folder, size, sha256 and ids, from div2k.json."""
-    meta = json.loads(Path(__file__).with_name("div2k.json").read_text())
+    meta = read_metadata(Path(__file__).with_name("div2k.json"), METADATA_ENV)
     return {split: entry for split, entry in meta.items() if not split.startswith("_")}
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -35,11 +36,11 @@ from srmap.resize import project_consistent
 from srmap.resume import (CHECKPOINT_FORMAT, code_fingerprint, data_fingerprint, decide, plain, rng_state,
                           set_rng_state)
 from srmap.tracking import NULL_TRACKER
-from srmap.train_utils import (BadStepCounter, LossLog, NonFiniteLossError, Progress, WindowMeter, all_mean,
-                               autocast, barrier, clear_monitor, device_options, ema_update, epoch_of,
+from srmap.train_utils import (TIME_LIMIT_EXIT, BadStepCounter, LossLog, NonFiniteLossError, Progress, WindowMeter,
+                               all_mean, autocast, barrier, clear_monitor, device_options, ema_update, epoch_of,
                                finite_flag, gather_objects, grad_norm, noise_row, prepare_model, requires_grad,
-                               save_monitor, scheduler, seed_all, setup_distributed, sync_lr, to_float,
-                               weights_finite, wrap_ddp)
+                               save_monitor, scheduler, seed_all, setup_distributed, slurm_time_left,
+                               stop_deadline, sync_lr, to_float, weights_finite, wrap_ddp)
 from srmap.utils import Interrupted, atomic_write_json, sha256_file
 
 __all__ = ["pretrain", "train_gan", "TrainingStopped", "NonFiniteLossError", "PRETRAIN_COLUMNS", "GAN_COLUMNS"]
@@ -49,10 +50,12 @@ NOISE_COLUMNS = ("noise_stem", "noise_trunk", "noise_features", "noise_up_x2", "
 PRETRAIN_COLUMNS = ("step", "epoch", *LOSSES["pretrain"], "lr", "skipped") + NOISE_COLUMNS
 GAN_COLUMNS = ("step", "epoch", *LOSSES["train_gan"], "lr_g", "lr_d", "skipped") + NOISE_COLUMNS
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")  # stop at the next step boundary with a checkpoint
+_TIME_LIMIT = 255  # stop flag of a passed SLURM deadline (above every signal number)
 
 
 class TrainingStopped(Interrupted):
-    """Training stopped on a signal after writing a checkpoint of its last step; ``exit_code`` = 128 + signal."""
+    """Training stopped after writing a checkpoint of its last step: on a signal (``exit_code`` = 128 + signal),
+    or ahead of its SLURM job's time limit (``exit_code`` = 75)."""
 
 
 # ---------------------------------------------------------------------------
@@ -352,6 +355,11 @@ class _Harness:
         self.progress = Progress(s.stage, s.total, self.start, s.info.main)
         self.signum: int | None = None
         self._old_handlers: dict[int, Any] = {}
+        time_left = slurm_time_left()
+        self.deadline, self.margin = stop_deadline(time_left)
+        if time_left is not None and s.info.main:
+            print(f"{s.stage}: SLURM job time limit in {time_left:.0f} s; "
+                  f"training stops with a checkpoint {self.margin:.0f} s before it", file=sys.stderr, flush=True)
 
     # -- signals -----------------------------------------------------------------------
     def __enter__(self) -> "_Harness":
@@ -374,8 +382,10 @@ class _Harness:
         self.signum = signum
 
     def _stop_requested(self) -> int:
-        """The signal any rank received (0: none); every rank learns it in the same step."""
-        flag = torch.tensor([float(self.signum or 0)], device=self.s.device)
+        """The signal any rank received (0: none; _TIME_LIMIT: its job's deadline passed); every rank learns it
+        in the same step."""
+        late = self.deadline is not None and time.monotonic() >= self.deadline
+        flag = torch.tensor([float(self.signum or (_TIME_LIMIT if late else 0))], device=self.s.device)
         if self.s.info.world > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag.item())
@@ -408,9 +418,13 @@ class _Harness:
         signum = self._stop_requested()
         if signum and step < self.s.total:
             self.checkpoint(step)
-            name = signal.Signals(signum).name
-            raise TrainingStopped(f"{self.s.stage}: stopped by {name} after step {step} of {self.s.total}; "
-                                  f"checkpoint {self.s.ckpt_path} written: run the stage again to resume", signum)
+            where = f"after step {step} of {self.s.total}; checkpoint {self.s.ckpt_path} written"
+            if signum == _TIME_LIMIT:
+                raise TrainingStopped(f"{self.s.stage}: stopped {self.margin:.0f} s before the SLURM job's time "
+                                      f"limit {where}: the next job (or running the stage again) resumes",
+                                      signal.SIGUSR1, exit_code=TIME_LIMIT_EXIT)
+            raise TrainingStopped(f"{self.s.stage}: stopped by {signal.Signals(signum).name} {where}: run the "
+                                  f"stage again to resume", signum)
         if step < self.s.total and (step % self.opts.ckpt_every == 0 or step == self.stop_after):
             self.checkpoint(step)  # the last one: finish(), once generator.pt exists
 

@@ -8,7 +8,8 @@
 * bookkeeping: :class:`LossLog` (losses.csv), :class:`WindowMeter`,
   :class:`Progress`, :class:`BadStepCounter` (the NaN guard), :func:`grad_norm`,
   :func:`finite_flag`, :func:`weights_finite`;
-* :func:`ema_update`, and the monitoring grids (:func:`save_monitor`).
+* :func:`ema_update`, and the monitoring grids (:func:`save_monitor`);
+* the SLURM job's time limit: :func:`slurm_time_left`, :func:`stop_deadline`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import io
 import math
 import os
 import random
+import re
+import subprocess
 import sys
 import time
 import warnings
@@ -440,6 +443,64 @@ def save_monitor(path: Path, y: Tensor, sr: Tensor, hr: Tensor) -> None:
 
     with atomic_path(path) as tmp:
         Image.fromarray(img).save(tmp, format="PNG")
+
+
+STOP_BEFORE_LIMIT_ENV = "SRMAP_STOP_BEFORE_LIMIT"  # seconds before a SLURM job's time limit to stop training
+STOP_BEFORE_LIMIT_S = 600.0  # its default: room for the step in flight and a checkpoint of the paper nets
+TIME_LIMIT_EXIT = 75  # exit status of a stage stopped ahead of its job's time limit (sysexits EX_TEMPFAIL: retry)
+
+
+def parse_slurm_duration(text: str) -> float | None:
+    """Seconds in a SLURM duration as squeue's ``%L`` prints it: ``[days-][hours:]minutes:seconds``.
+
+    Returns None for ``UNLIMITED``, ``NOT_SET``, ``INVALID`` or anything else
+    that is not a duration. Source: squeue(1), "%L Time left for the job".
+    """
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text.strip())
+    if m is None:
+        return None
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
+    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+
+
+def slurm_time_left(env: Mapping[str, str] = os.environ) -> float | None:
+    """Seconds before this SLURM job's time limit (``squeue -h -j $SLURM_JOB_ID -o %L``), or None.
+
+    None outside SLURM (no ``SLURM_JOB_ID``), for a job without a limit, or
+    when squeue cannot answer (then with a warning: training stops on
+    signals only).
+    """
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%L"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        warnings.warn(f"SLURM job {job}: cannot read its time limit with squeue ({exc}); training stops on "
+                      f"signals only", RuntimeWarning, stacklevel=2)
+        return None
+    return parse_slurm_duration(out.stdout)
+
+
+def stop_deadline(time_left: float | None, env: Mapping[str, str] = os.environ) -> tuple[float | None, float]:
+    """(time.monotonic() at which training stops itself, the margin in seconds) for a job with ``time_left`` s.
+
+    The margin is ``$SRMAP_STOP_BEFORE_LIMIT`` (default 600 s), capped at half
+    the time left so that a short job still makes progress. No deadline
+    (None) when ``time_left`` is None. Raises ValueError naming the variable
+    when it is not a non-negative number.
+    """
+    raw = env.get(STOP_BEFORE_LIMIT_ENV, "")
+    try:
+        margin = float(raw) if raw.strip() else STOP_BEFORE_LIMIT_S
+    except ValueError:
+        margin = -1.0
+    if not (margin >= 0 and math.isfinite(margin)):
+        raise ValueError(f"${STOP_BEFORE_LIMIT_ENV}={raw!r}: expected seconds (a number >= 0)")
+    if time_left is None:
+        return None, margin
+    margin = min(margin, time_left / 2)
+    return time.monotonic() + time_left - margin, margin
 
 
 def epoch_of(step: int, iters_per_epoch: int) -> int:

@@ -21,9 +21,10 @@ class Interrupted(Exception):
     stderr and that exit status; MLflow marks the run KILLED.
     """
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int, exit_code: int | None = None):
         super().__init__(message)
-        self.signum, self.exit_code = int(signum), 128 + int(signum)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum if exit_code is None else int(exit_code)
 
 
 class DiskFullError(OSError):
@@ -146,6 +147,32 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_metadata(default: str | os.PathLike, env: str) -> dict[str, Any]:
+    """The JSON object of a package metadata file (``srmap/div2k.json``, ``srmap/baselines.json``), or of the
+    file named by the environment variable ``env`` when it is set.
+
+    The override is for mirrors and for the paper-path rehearsal
+    (scripts/rehearse_paper.py), whose stand-in archives and fabricated weights
+    have their own URLs, sizes and SHA-256. DVC does not track it, so using one
+    is announced on stderr. Raises ValueError naming the file when it cannot be
+    read or does not hold a JSON object.
+    """
+    import sys
+
+    path = Path(os.environ.get(env) or default)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read metadata ({exc}); expected a JSON object"
+                         + (f" (set by ${env})" if os.environ.get(env) else "")) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    if os.environ.get(env):
+        print(f"srmap: ${env}: using {path} instead of {Path(default).name} (checksums and URLs not tracked by DVC)",
+              file=sys.stderr)
+    return data
 
 
 def project_root() -> Path:

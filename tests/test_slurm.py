@@ -369,22 +369,39 @@ def generator_weights(path: Path) -> dict:
     return blob.get("state_dict", blob) if isinstance(blob, dict) else blob
 
 
+def set_train_gan_epochs(tree: Path, epochs: int) -> None:
+    """Shorten the demo's train_gan in ``tree``'s params.yaml to ``epochs`` (a round trip that keeps comments)."""
+    from ruamel.yaml import YAML
+
+    yaml_rt = YAML()
+    params = yaml_rt.load(tree / "params.yaml")
+    params["demo"]["train_gan"]["epochs"] = epochs
+    yaml_rt.dump(params, tree / "params.yaml")
+
+
 @pytest.mark.slurm
 def test_train_gan_spans_jobs_past_the_time_limit(slurm_run, cluster, tmp_path_factory):
-    # A one-minute job limit, with SIGUSR1 30 s ahead of it: the demo's train_gan (about
-    # 90 s of steps plus start-up) cannot finish in one job. Each job stops at a step
-    # boundary with a checkpoint, the profile's retries resubmit it, the next job resumes,
-    # and the final generator equals the uninterrupted run's.
-    tree = Path(tmp_path_factory.mktemp("slurm-timelimit")) / "srmap"
-    shutil.copytree(slurm_run, tree, symlinks=True)
-    reference = generator_weights(slurm_run / "models" / "demo" / "train_gan" / "generator.pt")
-    old_logs = set((tree / ".snakemake" / "slurm_logs" / "rule_train_gan").glob("*.log"))
+    # A one-minute job limit on a train_gan cut to one epoch (100 steps, longer than the part of a
+    # job left for training): each job stops 15 s ahead of its limit at a step boundary with a
+    # checkpoint, the profile's retries resubmit it, the next job resumes, and the final generator
+    # equals that of the same stage run uninterrupted, outside SLURM, with the same thread count.
+    base = Path(tmp_path_factory.mktemp("slurm-timelimit"))
+    trees = {name: base / name for name in ("uninterrupted", "slurm")}
+    for tree in trees.values():
+        shutil.copytree(slurm_run, tree, symlinks=True)
+        set_train_gan_epochs(tree, 1)
     threads = tool_env()["OMP_NUM_THREADS"]
+    ref = trees["uninterrupted"]
+    proc = run([str(VENV_BIN / "python"), "pipeline/train_gan.py", "--profile", "demo"], ref,
+               tool_env(ref, OMP_NUM_THREADS=threads), 900)
+    assert proc.returncode == 0, tail(proc.stdout)
+    tree = trees["slurm"]
+    old_logs = set((tree / ".snakemake" / "slurm_logs" / "rule_train_gan").glob("*.log"))
     proc = run([str(VENV_BIN / "snakemake"), "--profile", "slurm", "--forcerun", "train_gan",
                 "--set-threads", f"train_gan={threads}",
-                "--set-resources", "train_gan:runtime=1", "train_gan:slurm_extra='--signal=USR1@30'",
+                "--set-resources", "train_gan:runtime=1",
                 "--slurm-init-seconds-before-status-checks", "5", "--", "models/demo/train_gan/generator.pt"],
-               tree, cluster.env(tree), SLURM_RUN_TIMEOUT_S)
+               tree, {**cluster.env(tree), "SRMAP_STOP_BEFORE_LIMIT": "15"}, SLURM_RUN_TIMEOUT_S)
     (tree / "slurm-timelimit.log").write_text(proc.stdout)
     assert proc.returncode == 0, f"snakemake failed (rc {proc.returncode}):\n{tail(proc.stdout)}"
     assert "rule pretrain:" not in proc.stdout, "only train_gan was to run"
@@ -394,13 +411,21 @@ def test_train_gan_spans_jobs_past_the_time_limit(slurm_run, cluster, tmp_path_f
     states = [records.get(p.stem, ("?", ""))[0] for p in jobs]
     assert len(jobs) >= 2 and states[-1] == "COMPLETED", (states, tail(proc.stdout))
     assert all(s in ("FAILED", "TIMEOUT") for s in states[:-1]), states
-    # the finished checkpoint of the first run was set aside, not overwritten
-    aside = list((tree / "models" / "demo" / "train_gan").glob("checkpoint.step*.rerun.pt"))
-    assert len(aside) == 1, sorted(p.name for p in (tree / "models" / "demo" / "train_gan").iterdir())
-    # every job after the first resumed from its predecessor's checkpoint
     job_logs = [p.read_text() for p in jobs]
+    assert "s before the SLURM job's time limit after step" in job_logs[0], tail(job_logs[0], 3000)
     assert all("train_gan: resuming" in text for text in job_logs[1:]), tail(job_logs[-1], 3000)
+    # the first run's finished 400-step checkpoint was set aside, not overwritten
+    names = sorted(p.name for p in (tree / "models" / "demo" / "train_gan").glob("checkpoint*.pt"))
+    assert names == ["checkpoint.pt", "checkpoint.step400.past-end.pt"], names
     ours = generator_weights(tree / "models" / "demo" / "train_gan" / "generator.pt")
+    reference = generator_weights(ref / "models" / "demo" / "train_gan" / "generator.pt")
     assert ours.keys() == reference.keys()
-    differ = [k for k in reference if not __import__("torch").equal(ours[k], reference[k])]
+    differ = [k for k in reference if not torch_equal(ours[k], reference[k])]
     assert not differ, f"{len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:3]}"
+
+
+def torch_equal(a, b) -> bool:
+    """Bit equality of two tensors."""
+    import torch
+
+    return bool(torch.equal(a, b))

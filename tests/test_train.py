@@ -24,7 +24,7 @@ from srmap.options import GeneratorConfig
 from srmap.options import GanOptions, PretrainOptions
 from srmap.data import StepBatchSampler
 from srmap.train import GAN_COLUMNS, PRETRAIN_COLUMNS, NonFiniteLossError, pretrain, train_gan
-from srmap.train_utils import ema_update, lr_factor
+from srmap.train_utils import ema_update, lr_factor, parse_slurm_duration, stop_deadline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_G = {"stem_width": 8, "feature_widths": [8, 8, 8], "blocks_per_stage": [1], "compression": 4,
@@ -398,3 +398,151 @@ def test_save_checkpoint_round_trips_and_missing_file_is_named(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["c.pt"]  # no temporary file left behind
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+# ---------------------------------------------------------------------------
+# What happens to a checkpoint (docs/training.md): resumed, kept aside or refused
+# ---------------------------------------------------------------------------
+
+
+def _signal_on_call(fn, n, signum):
+    """``fn`` that sends this process ``signum`` during its ``n``-th call (mid-step, as SLURM would)."""
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signum)
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_pretrain_signal_before_the_first_checkpoint_then_resume_is_bit_identical(data_dir, tmp_path, monkeypatch,
+                                                                                  signum):
+    import srmap.train as train_mod
+    from srmap.train import TrainingStopped
+
+    full = pretrain(**pre_kw(data_dir, tmp_path / "full"))  # ckpt_every=100: no scheduled checkpoint before the end
+    out = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "l1_loss", _signal_on_call(train_mod.l1_loss, 2, signum))
+        with pytest.raises(TrainingStopped) as stop:
+            pretrain(**pre_kw(data_dir, out))
+    assert stop.value.exit_code == 128 + signum
+    assert f"stopped by {signal.Signals(signum).name} after step 2 of 6" in str(stop.value)
+    assert "run the stage again to resume" in str(stop.value) and "\n" not in str(stop.value)
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2 and not (out / "generator.pt").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored after the stop
+    resumed = pretrain(**pre_kw(data_dir, out))
+    assert json.loads((out / "training_options.json").read_text())["resumed_from_step"] == 2
+    assert_same_state(load_checkpoint(full)["state_dict"], load_checkpoint(resumed)["state_dict"])
+    assert (tmp_path / "full" / "losses.csv").read_text() == (out / "losses.csv").read_text()
+
+
+def test_gan_sigusr1_then_resume_is_bit_identical(data_dir, init_generator, tmp_path, monkeypatch):
+    import srmap.train as train_mod
+    from srmap.train import TrainingStopped
+
+    full = train_gan(**gan_kw(data_dir, tmp_path / "full", init_generator))
+    out = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "r1_penalty", _signal_on_call(train_mod.r1_penalty, 3, signal.SIGUSR1))
+        with pytest.raises(TrainingStopped, match="SIGUSR1 after step 3 of 4"):
+            train_gan(**gan_kw(data_dir, out, init_generator))
+    resumed = train_gan(**gan_kw(data_dir, out, init_generator))
+    a, b = load_checkpoint(tmp_path / "full" / "checkpoint.pt"), load_checkpoint(out / "checkpoint.pt")
+    for key in ("G", "G_ema", "D"):
+        assert_same_state(a[key], b[key])
+    assert_same_state(load_checkpoint(full)["state_dict"], load_checkpoint(resumed)["state_dict"])
+
+
+def test_code_changes_resume_and_are_recorded(data_dir, tmp_path, monkeypatch, capsys):
+    import srmap.train as train_mod
+
+    out = tmp_path / "run"
+    pretrain(**pre_kw(data_dir, out), stop_after=3)
+    monkeypatch.setattr(train_mod, "code_fingerprint", lambda: "e" * 64)  # a comment added to srmap/nets.py
+    pretrain(**pre_kw(data_dir, out))
+    assert "resuming" in capsys.readouterr().err and not list(out.glob("checkpoint.step*"))
+    opts = json.loads((out / "training_options.json").read_text())
+    assert opts["resumed_from_step"] == 3 and opts["config"]["code_history"][0]["step"] == 3
+    assert opts["config"]["code_history"][0]["code_sha256"] != "e" * 64 and opts["config"]["code_sha256"] == "e" * 64
+    finished = load_checkpoint(out / "generator.pt")["state_dict"]
+    # A finished run whose code changed (DVC re-runs the stage for any dependency): resumed at its last step,
+    # nothing retrained, generator.pt written again from it, the second change recorded too.
+    monkeypatch.setattr(train_mod, "code_fingerprint", lambda: "f" * 64)
+    (out / "generator.pt").unlink()
+    pretrain(**pre_kw(data_dir, out))
+    opts = json.loads((out / "training_options.json").read_text())
+    assert opts["resumed_from_step"] == 6 and [h["code_sha256"] for h in opts["config"]["code_history"]][1] == "e" * 64
+    assert_same_state(finished, load_checkpoint(out / "generator.pt")["state_dict"])
+    assert not list(out.glob("checkpoint.step*"))
+
+
+def test_a_forced_rerun_sets_the_finished_checkpoint_aside_untouched(data_dir, tmp_path):
+    out = tmp_path / "run"
+    pretrain(**pre_kw(data_dir, out))
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.warns(RuntimeWarning, match=r"finished run.*kept it as .*checkpoint\.step6\.rerun\.pt"):
+        pretrain(**pre_kw(data_dir, out))
+    assert (out / "checkpoint.step6.rerun.pt").read_bytes() == before
+    with pytest.warns(RuntimeWarning, match=r"checkpoint\.step6\.rerun\.1\.pt"):  # a second one never replaces it
+        pretrain(**pre_kw(data_dir, out))
+    assert (out / "checkpoint.step6.rerun.pt").read_bytes() == before
+    assert json.loads((out / "training_options.json").read_text())["set_aside"].endswith("rerun.1.pt")
+
+
+def test_another_stages_checkpoint_is_set_aside(data_dir, init_generator, tmp_path):
+    gan_out = tmp_path / "gan"
+    train_gan(**gan_kw(data_dir, gan_out, init_generator), stop_after=1)
+    out = tmp_path / "pretrain"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes((gan_out / "checkpoint.pt").read_bytes())
+    with pytest.warns(RuntimeWarning, match=r"not a checkpoint of this stage.*checkpoint\.step1\.foreign\.pt"):
+        pretrain(**pre_kw(data_dir, out, epochs=1))
+    assert (out / "checkpoint.step1.foreign.pt").read_bytes() == (gan_out / "checkpoint.pt").read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_an_unreadable_checkpoint_is_refused_and_left_in_place(data_dir, tmp_path, damage):
+    out = tmp_path / "run"
+    pretrain(**pre_kw(data_dir, out), stop_after=2)
+    good = (out / "checkpoint.pt").read_bytes()
+    bad = {"empty": b"", "truncated": good[: len(good) // 2], "garbage": os.urandom(4096)}[damage]
+    (out / "checkpoint.pt").write_bytes(bad)
+    listing = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ValueError) as err:
+        pretrain(**pre_kw(data_dir, out))
+    assert str(out / "checkpoint.pt") in str(err.value) and "\n" not in str(err.value)
+    assert (out / "checkpoint.pt").read_bytes() == bad and sorted(p.name for p in out.iterdir()) == listing
+
+
+def test_slurm_durations_and_the_stop_margin():
+    assert [parse_slurm_duration(t) for t in ("0:30", "59:58", "23:59:59", "1-00:00:00", "2-03:04:05")] == [
+        30, 3598, 86399, 86400, 2 * 86400 + 3 * 3600 + 4 * 60 + 5]
+    assert parse_slurm_duration("UNLIMITED") is None and parse_slurm_duration("INVALID") is None
+    assert stop_deadline(None, {}) == (None, 600.0)
+    deadline, margin = stop_deadline(7200.0, {})
+    assert margin == 600.0 and deadline == pytest.approx(time.monotonic() + 6600, abs=5)
+    assert stop_deadline(60.0, {"SRMAP_STOP_BEFORE_LIMIT": "600"})[1] == 30.0  # at most half of a short job
+    with pytest.raises(ValueError, match=r"SRMAP_STOP_BEFORE_LIMIT='soon'.*seconds"):
+        stop_deadline(60.0, {"SRMAP_STOP_BEFORE_LIMIT": "soon"})
+
+
+def test_training_stops_itself_before_the_job_time_limit_and_resumes_bit_identically(data_dir, tmp_path,
+                                                                                      monkeypatch, capsys):
+    import srmap.train as train_mod
+    from srmap.train import TrainingStopped
+
+    full = pretrain(**pre_kw(data_dir, tmp_path / "full"))
+    out = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "slurm_time_left", lambda: 0.0)  # squeue says the limit is now
+        with pytest.raises(TrainingStopped, match=r"before the SLURM job's time limit after step 1 of 6") as stop:
+            pretrain(**pre_kw(data_dir, out))
+    assert stop.value.exit_code == 75 and load_checkpoint(out / "checkpoint.pt")["step"] == 1
+    assert "SLURM job time limit in 0 s" in capsys.readouterr().err
+    resumed = pretrain(**pre_kw(data_dir, out))
+    assert_same_state(load_checkpoint(full)["state_dict"], load_checkpoint(resumed)["state_dict"])
