@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 # Stand-in DIV2K: ids -> scikit-image photograph; validation images are centre crops of this HR size.
 TRAIN_IMAGES = {1: "astronaut", 2: "rocket", 3: "chelsea", 4: "immunohistochemistry"}
-VALID_IMAGES = {801: "coffee", 802: "motorcycle_left"}
+VALID_IMAGES = {801: "coffee", 802: "hubble_deep_field"}
 VALID_CROP = 256
 # What the rehearsal changes in the paper profile; everything else is the paper's.
 OVERRIDES = [

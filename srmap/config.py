@@ -281,7 +281,9 @@ def stage_main(stage: str, body: Callable[[StageContext], None], argv: list[str]
     stderr and exit status 2 (set SRMAP_DEBUG=1 for the traceback). SIGTERM and
     SIGUSR1 outside the training loops (which handle them themselves) and
     Ctrl-C end the stage with one line and exit status 128 + the signal (143,
-    138, 130), so MLflow marks its run KILLED.
+    138, 130), so MLflow marks its run KILLED; a training stage stopped ahead of
+    its SLURM job's time limit exits 75. A stage that succeeds ends with one
+    line ``srmap <stage>: done in <s> s; peak memory ...`` (:func:`peak_memory`).
     """
     from srmap.utils import Interrupted, project_root, signals_raise_interrupted
 
@@ -297,7 +299,8 @@ def stage_main(stage: str, body: Callable[[StageContext], None], argv: list[str]
             body(StageContext(root=root, profile=profile, params=params, paths=Paths(root, profile)))
         print(f"srmap {stage}: done in {time.monotonic() - started:.1f} s; {peak_memory()}", file=sys.stderr)
     except Interrupted as exc:
-        print(f"srmap {stage}: {exc}", file=sys.stderr)
+        message = str(exc).removeprefix(f"{stage}: ")  # training's messages name their stage already
+        print(f"srmap {stage}: {message}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
     except KeyboardInterrupt:
         print(f"srmap {stage}: interrupted (Ctrl-C)", file=sys.stderr)
