@@ -123,8 +123,11 @@ def fabricated_weights(out: Path) -> dict[str, bytes]:
 
 def serve(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     """An HTTP server for ``folder`` on 127.0.0.1 (a free port) in a daemon thread; (server, base URL)."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *a, **k: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # the stages print their own progress
+            pass
+
+    handler = functools.partial(Quiet, directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"

@@ -289,7 +289,7 @@ def _generate(method: Method, lr_files: list[Path], sr_dir: Path, *, noise_scale
         if G is None and method.consistency == "project":  # bicubic in float, then the same projection
             import torch
 
-            y = torch.from_numpy(lr).permute(2, 0, 1)[None].double() / 255
+            y = torch.tensor(lr, dtype=torch.float64).permute(2, 0, 1)[None] / 255  # a copy: lr is read-only
             write_png(sr_dir / f"{lr_path.stem}.png", consistent_image(imresize(y, float(SCALE)), y))
         elif G is None:
             write_png(sr_dir / f"{lr_path.stem}.png", imresize(lr, SCALE))
