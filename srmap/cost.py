@@ -6,7 +6,7 @@ its creation until its Python object dies, and tensors autograd saves for the
 backward pass are kept alive (and counted) until the backward pass frees them.
 This is the quantity the CUDA caching allocator must at least provide; the
 allocator's block rounding, fragmentation and cuDNN/cuBLAS workspaces come on
-top (``torch.cuda.max_memory_reserved`` is typically 10-30% above it).
+top and are not counted.
 
 :func:`gan_step_cost` composes it into the memory of one SRMAP GAN step per
 GPU (and counts its FLOPs) (weights, EMA, gradients, Adam moments, and the larger of the critic step
