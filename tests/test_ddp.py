@@ -145,3 +145,53 @@ def test_two_process_ddp_matches_single_process(tmp_path, monkeypatch):
     # Rank 0 alone wrote the monitoring grids.
     assert sorted(p.name for p in (tmp_path / "ddp" / "gan" / "monitor").iterdir()) == ["step_00000002.png",
                                                                                          "step_00000003.png"]
+
+
+WORKER_STOP = """
+import json, os, signal, sys
+import srmap.train as T
+from srmap.options import PretrainOptions
+calls = {"n": 0}
+l1_loss = T.l1_loss
+
+def l1_then_signal(*args, **kwargs):  # rank 1 alone gets SIGUSR1 during its second step
+    calls["n"] += 1
+    if calls["n"] == 2 and os.environ["RANK"] == "1" and os.environ.get("SEND_SIGNAL"):
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return l1_loss(*args, **kwargs)
+
+T.l1_loss = l1_then_signal
+args = json.loads(open(sys.argv[1]).read())
+try:
+    T.pretrain(PretrainOptions(**args["pretrain"]["opts"]), **args["pretrain"]["run"])
+    result = {"stopped": None}
+except T.TrainingStopped as exc:
+    result = {"stopped": str(exc), "exit_code": exc.exit_code}
+with open(sys.argv[2] + "." + os.environ["RANK"], "w") as f:
+    json.dump(result, f)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    data = make_prepared(tmp_path / "data")
+    args = stage_kwargs(data, tmp_path / "ddp", tmp_path / "unused.pt")
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    (tmp_path / "worker.py").write_text(WORKER_STOP)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "worker.py"), str(tmp_path / "args.json"), str(tmp_path / "result")]
+    proc = subprocess.run(cmd, env={**env, "SEND_SIGNAL": "1"}, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads((tmp_path / f"result.{r}").read_text()) for r in (0, 1)]
+    for r in results:  # rank 0 never saw the signal, yet stops with rank 1 after the same step
+        assert "stopped by SIGUSR1 after step 2 of 3" in r["stopped"] and r["exit_code"] == 138, results
+    out = tmp_path / "ddp" / "pretrain"
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == 2 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2  # rank 0 wrote both ranks' state
+    assert sorted(p.name for p in out.glob("*.pt")) == ["checkpoint.pt"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200)  # the next job resumes
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((tmp_path / "result.0").read_text())["stopped"] is None
+    assert json.loads((out / "training_options.json").read_text())["resumed_from_step"] == 2
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 3 and (out / "generator.pt").is_file()
