@@ -148,7 +148,10 @@ def metadata(folder: Path, url: str, archives: dict[str, bytes], weights: dict[s
                            "size": len(weights[name]), "source": "fabricated for the paper-path rehearsal"}
     (folder / "div2k.json").write_text(json.dumps(div2k, indent=1))
     (folder / "baselines.json").write_text(json.dumps(baselines, indent=1))
-    return {"SRMAP_DIV2K_JSON": str(folder / "div2k.json"), "SRMAP_BASELINES_JSON": str(folder / "baselines.json")}
+    from srmap import baselines as baselines_module, download
+
+    return {download.METADATA_ENV: str(folder / "div2k.json"),
+            baselines_module.METADATA_ENV: str(folder / "baselines.json")}
 
 
 def memory_estimate() -> list[str]:

@@ -1,4 +1,4 @@
-"""Memory cost of the networks, measured on the meta device (nothing is computed, no GPU needed).
+"""Memory and FLOPs of the networks, measured on the meta device (nothing is computed, no GPU needed).
 
 :func:`tensor_cost` runs a function on meta tensors and records the peak
 of the bytes held by live tensors: every tensor an operator creates counts from
@@ -8,22 +8,21 @@ This is the quantity the CUDA caching allocator must at least provide; the
 allocator's block rounding, fragmentation and cuDNN/cuBLAS workspaces come on
 top and are not counted.
 
-:func:`gan_step_cost` composes it into the memory of one SRMAP GAN step per
-GPU (and counts its FLOPs) (weights, EMA, gradients, Adam moments, and the larger of the critic step
-and the generator step), and :func:`inference_memory` into one generator
-forward over a whole (padded) tile. scripts/rehearse_paper.py prints both for
+:func:`gan_step_cost` composes it into the memory and FLOPs of one SRMAP GAN
+step per GPU (weights, EMA, gradients, Adam moments, and the larger of the
+critic step and the generator step), and :func:`inference_memory` into the
+memory of one generator forward over a whole (padded) tile. scripts/rehearse_paper.py prints both for
 the paper profile.
 """
 
 from __future__ import annotations
 
-import copy
 import weakref
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
@@ -92,10 +91,6 @@ class GanStepCost:
         return self.states + max(self.critic_step, self.generator_step)
 
 
-def _meta(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    return copy.deepcopy(module).to(device="meta", dtype=dtype)
-
-
 def gan_step_cost(gen_cfg: GeneratorConfig, critic_cfg: CriticConfig, *, half: int, lr_patch: int,
                   dtype: torch.dtype = torch.float32) -> GanStepCost:
     """Memory and FLOPs per GPU of one SRMAP GAN step with ``half`` patches per half-batch (batch_size / 2 / GPUs).
@@ -114,7 +109,7 @@ def gan_step_cost(gen_cfg: GeneratorConfig, critic_cfg: CriticConfig, *, half: i
         g, d = Generator(gen_cfg), Critic(critic_cfg)
     n_g, n_d = sum(p.numel() for p in g.parameters()), sum(p.numel() for p in d.parameters())
     states = 4 * (n_g * 5 + n_d * 4)  # float32: G + EMA + grad + 2 moments; critic: weights + grad + 2 moments
-    g, d = _meta(g, dtype), _meta(d, dtype)
+    g, d = g.to(dtype), d.to(dtype)  # already on the meta device
     hr = SCALE * lr_patch
 
     def critic_step() -> None:

@@ -422,7 +422,7 @@ class _Harness:
             if signum == _TIME_LIMIT:
                 raise TrainingStopped(f"{self.s.stage}: stopped {self.margin:.0f} s before the SLURM job's time "
                                       f"limit {where}: the next job (or running the stage again) resumes",
-                                      signal.SIGUSR1, exit_code=TIME_LIMIT_EXIT)
+                                      0, exit_code=TIME_LIMIT_EXIT)  # signum 0: no signal
             raise TrainingStopped(f"{self.s.stage}: stopped by {signal.Signals(signum).name} {where}: run the "
                                   f"stage again to resume", signum)
         if step < self.s.total and (step % self.opts.ckpt_every == 0 or step == self.stop_after):

@@ -15,7 +15,8 @@ from typing import Any
 
 
 class Interrupted(Exception):
-    """The process was asked to stop by a signal (SIGTERM, SIGINT, SIGUSR1); ``exit_code`` = 128 + the signal.
+    """The process was asked to stop by a signal (SIGTERM, SIGINT, SIGUSR1); ``exit_code`` = 128 + the signal,
+    unless given (training stopped ahead of a SLURM time limit: ``signum`` 0, ``exit_code`` 75).
 
     The stage scripts and the ``srmap`` command turn it into one line on
     stderr and that exit status; MLflow marks the run KILLED.

@@ -32,6 +32,17 @@ def tool_env(root: Path | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
+def edit_params(params: Path, edit) -> None:
+    """Apply ``edit(doc)`` to the parsed ``params`` file and write it back (a ruamel round trip that keeps the
+    file's comments, as DVC's ``-S`` does)."""
+    from ruamel.yaml import YAML
+
+    yaml_rt = YAML()
+    doc = yaml_rt.load(params)
+    edit(doc)
+    yaml_rt.dump(doc, params)
+
+
 def make_prepared(root: Path, n: int = 3) -> Path:
     """``n`` smooth random 48x64 HR images and their MATLAB-bicubic x4 LR as .npy, laid out
     as the degrade stage stores a training split (root/hr, root/lr)."""

@@ -1,5 +1,5 @@
 """scripts/rehearse_paper.py's stand-ins go through the real download code, and the metadata overrides it relies on
-($SRMAP_DIV2K_JSON, $SRMAP_BASELINES_JSON) are announced and checked. The rehearsal itself (about 15 minutes) runs
+($SRMAP_DIV2K_JSON, $SRMAP_BASELINES_JSON) are announced and checked. The rehearsal itself (about 3 minutes here) runs
 outside CI; its command and output are in docs/cluster.md."""
 
 from __future__ import annotations

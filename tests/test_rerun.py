@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_prepared, tool_env
+from conftest import ROOT, edit_params, make_prepared, tool_env
 from srmap.checkpoint import load_checkpoint, save_checkpoint
 from srmap.nets import GeneratorConfig
 from srmap.options import PretrainOptions
@@ -77,16 +77,15 @@ def test_stage_script_reexecutes_under_the_project_venv(tmp_path):
 
 
 def _lighten_demo(params: Path) -> None:
-    """Cut the demo's training to 50 + 25 steps in ``params`` (a round trip that keeps the file's comments)."""
-    from ruamel.yaml import YAML
+    """Cut the demo's training to 50 + 25 steps in ``params`` (comments kept)."""
 
-    yaml_rt = YAML()
-    doc = yaml_rt.load(params)
-    doc["demo"]["pretrain"].update(epochs=2, iters_per_epoch=25)
-    doc["demo"]["pretrain"]["milestones"] = [1]
-    doc["demo"]["train_gan"].update(epochs=1, iters_per_epoch=25)
-    doc["demo"]["train_gan"]["milestones"] = []
-    yaml_rt.dump(doc, params)
+    def cut(doc) -> None:
+        doc["demo"]["pretrain"].update(epochs=2, iters_per_epoch=25)
+        doc["demo"]["pretrain"]["milestones"] = [1]
+        doc["demo"]["train_gan"].update(epochs=1, iters_per_epoch=25)
+        doc["demo"]["train_gan"]["milestones"] = []
+
+    edit_params(params, cut)
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT, VENV_BIN, clone_repo, tool_env
+from conftest import ROOT, VENV_BIN, clone_repo, edit_params, tool_env
 from srmap.config import STAGES
 
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
@@ -361,24 +361,6 @@ def test_dvc_commit_adopts_the_cluster_outputs(slurm_run):
     assert "Running stage" not in proc.stdout, tail(proc.stdout)
 
 
-def generator_weights(path: Path) -> dict:
-    """The state dict saved in a generator.pt (CPU tensors)."""
-    import torch
-
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    return blob.get("state_dict", blob) if isinstance(blob, dict) else blob
-
-
-def set_train_gan_epochs(tree: Path, epochs: int) -> None:
-    """Shorten the demo's train_gan in ``tree``'s params.yaml to ``epochs`` (a round trip that keeps comments)."""
-    from ruamel.yaml import YAML
-
-    yaml_rt = YAML()
-    params = yaml_rt.load(tree / "params.yaml")
-    params["demo"]["train_gan"]["epochs"] = epochs
-    yaml_rt.dump(params, tree / "params.yaml")
-
-
 @pytest.mark.slurm
 def test_train_gan_spans_jobs_past_the_time_limit(slurm_run, cluster, tmp_path_factory):
     # A one-minute job limit on a train_gan cut to one epoch (100 steps, longer than the part of a
@@ -389,7 +371,7 @@ def test_train_gan_spans_jobs_past_the_time_limit(slurm_run, cluster, tmp_path_f
     trees = {name: base / name for name in ("uninterrupted", "slurm")}
     for tree in trees.values():
         shutil.copytree(slurm_run, tree, symlinks=True)
-        set_train_gan_epochs(tree, 1)
+        edit_params(tree / "params.yaml", lambda doc: doc["demo"]["train_gan"].update(epochs=1))
     threads = tool_env()["OMP_NUM_THREADS"]
     ref = trees["uninterrupted"]
     proc = run([str(VENV_BIN / "python"), "pipeline/train_gan.py", "--profile", "demo"], ref,
@@ -417,15 +399,12 @@ def test_train_gan_spans_jobs_past_the_time_limit(slurm_run, cluster, tmp_path_f
     # the first run's finished 400-step checkpoint was set aside, not overwritten
     names = sorted(p.name for p in (tree / "models" / "demo" / "train_gan").glob("checkpoint*.pt"))
     assert names == ["checkpoint.pt", "checkpoint.step400.past-end.pt"], names
-    ours = generator_weights(tree / "models" / "demo" / "train_gan" / "generator.pt")
-    reference = generator_weights(ref / "models" / "demo" / "train_gan" / "generator.pt")
-    assert ours.keys() == reference.keys()
-    differ = [k for k in reference if not torch_equal(ours[k], reference[k])]
-    assert not differ, f"{len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:3]}"
-
-
-def torch_equal(a, b) -> bool:
-    """Bit equality of two tensors."""
     import torch
 
-    return bool(torch.equal(a, b))
+    from srmap.checkpoint import load_checkpoint
+
+    ours, reference = (load_checkpoint(t / "models" / "demo" / "train_gan" / "generator.pt")["state_dict"]
+                       for t in (tree, ref))
+    assert ours.keys() == reference.keys()
+    differ = [k for k in reference if not torch.equal(ours[k], reference[k])]
+    assert not differ, f"{len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:3]}"
