@@ -36,11 +36,13 @@ from srmap.utils import atomic_path
 if TYPE_CHECKING:
     import pandas as pd
 
-COLUMNS = ["image", "LPIPS_mean", "LRPSNR_mean", "LRPSNR_worst", "score", "PSNR", "SSIM", "PSNR_Y", "SSIM_Y"]
+COLUMNS = ["image", "LPIPS_mean", "LRPSNR_mean", "LRPSNR_worst", "score", "PSNR", "SSIM", "PSNR_Y", "SSIM_Y",
+           "LRPSNR_inner"]
+LR_SHAVE = 2  # LR pixels left out at each side for LRPSNR_inner: the band training's fidelity term skips (ours)
 # Dataset metric names (metrics.json leaves, MLflow keys) and the per-image column each is the mean of; the
 # CSV keeps the NTIRE measure.py / BasicSR names. 'samples' and 'images' complete a method's metrics.
 METRICS = {"lpips": "LPIPS_mean", "lr_psnr": "LRPSNR_mean", "lr_psnr_worst": "LRPSNR_worst", "diversity": "score",
-           "psnr": "PSNR", "ssim": "SSIM", "psnr_y": "PSNR_Y", "ssim_y": "SSIM_Y"}
+           "psnr": "PSNR", "ssim": "SSIM", "psnr_y": "PSNR_Y", "ssim_y": "SSIM_Y", "lr_psnr_inner": "LRPSNR_inner"}
 _SLUG = re.compile(r"[a-z0-9_]+")
 
 
@@ -127,7 +129,9 @@ def ntire_scores(gt_uint8: np.ndarray, samples_uint8: Sequence[np.ndarray], lpip
 
     Takes the uint8 HxWx3 GT and its SR samples (any size >= the GT cropped to
     a multiple of 8). The GT's LPIPS features and its downscaled copy are
-    computed once for all samples.
+    computed once for all samples. Also LRPSNR_inner (ours, not NTIRE's): the
+    mean LR-PSNR with ``LR_SHAVE`` LR pixels left out at every side (a GT that
+    passes ``check_pair`` is large enough; a smaller one raises ValueError).
     """
     from srmap.resize import imresize
 
@@ -137,8 +141,9 @@ def ntire_scores(gt_uint8: np.ndarray, samples_uint8: Sequence[np.ndarray], lpip
     maps = lpips.spatial_maps(np.ascontiguousarray(gt), srs)  # (S, H, W)
     gt_lr = imresize(np.ascontiguousarray(gt), 1.0 / scale, rounding="half_even")
     lr = [lr_psnr_to(sr, gt_lr, scale=scale) for sr in srs]
+    inner = float(np.mean([lr_psnr_to(sr, gt_lr, scale=scale, lr_shave=LR_SHAVE) for sr in srs]))
     return {"LPIPS_mean": float(np.mean(lpips_of_maps(maps))), "LRPSNR_mean": float(np.mean(lr)),
-            "LRPSNR_worst": float(np.min(lr)), "score": diversity_score(maps)}
+            "LRPSNR_worst": float(np.min(lr)), "score": diversity_score(maps), "LRPSNR_inner": inner}
 
 
 def fidelity_scores(gt_uint8: np.ndarray, samples_uint8: Sequence[np.ndarray], *,
@@ -156,7 +161,7 @@ def fidelity_scores(gt_uint8: np.ndarray, samples_uint8: Sequence[np.ndarray], *
 
 def score_image(gt_uint8: np.ndarray, samples_uint8: list, lpips: LPIPS, *, crop_border: int = 4,
                 scale: int = SCALE) -> dict[str, float]:
-    """All per-image numbers: LPIPS_mean, LRPSNR_mean, LRPSNR_worst, score, PSNR, SSIM, PSNR_Y, SSIM_Y.
+    """All per-image numbers: LPIPS_mean, LRPSNR_mean, LRPSNR_worst, score, PSNR, SSIM, PSNR_Y, SSIM_Y, LRPSNR_inner.
 
     Takes the uint8 HxWx3 RGB GT and a non-empty list of its uint8 SR samples.
     """
@@ -210,7 +215,7 @@ def evaluate_dirs(gt_dir, sr_dir, *, samples: int = 10, scale: int = SCALE, lpip
     """Score every GT image in ``gt_dir`` against its SR samples in ``sr_dir``; one DataFrame row per image.
 
     Columns: image (GT stem), LPIPS_mean, LRPSNR_mean, LRPSNR_worst, score,
-    PSNR, SSIM, PSNR_Y, SSIM_Y.
+    PSNR, SSIM, PSNR_Y, SSIM_Y, LRPSNR_inner (LR-PSNR with ``LR_SHAVE`` LR pixels shaved; ours).
     """
     lpips = LPIPS(pretrained=lpips_pretrained, device=device)
     return _score_dirs(Path(gt_dir), Path(sr_dir), samples, scale, lpips, crop_border, progress)
@@ -219,8 +224,8 @@ def evaluate_dirs(gt_dir, sr_dir, *, samples: int = 10, scale: int = SCALE, lpip
 def summarize(df: "pd.DataFrame") -> dict[str, float]:
     """Dataset metrics: the plain mean of each per-image column under its METRICS name, plus 'images'.
 
-    Keys: lpips, lr_psnr, lr_psnr_worst, diversity, psnr, ssim, psnr_y, ssim_y
-    (floats; an inf PSNR makes its mean inf) and images (int).
+    Keys: lpips, lr_psnr, lr_psnr_worst, diversity, psnr, ssim, psnr_y, ssim_y,
+    lr_psnr_inner (floats; an inf PSNR makes its mean inf) and images (int).
     """
     if len(df) == 0:
         raise ValueError("summarize: no per-image rows")
@@ -333,7 +338,7 @@ def evaluate_stage(*, valid_dir: Path, methods: Sequence[Method], out_dir: Path,
     as it is. Writes out_dir/sr/<slug>/<stem>_s<k>.png (or <stem>.png),
     out_dir/<slug>.csv and out_dir/methods.json (= ``info``).
     ``metrics`` is {slug: {lpips, lr_psnr, lr_psnr_worst, diversity, psnr,
-    ssim, psnr_y, ssim_y, samples, images}}, numbers only (DVC's metrics
+    ssim, psnr_y, ssim_y, lr_psnr_inner, samples, images}}, numbers only (DVC's metrics
     file); ``info`` holds what is not a number: {"lpips": {"pretrained",
     "weights"}, "methods": [{"slug", "label", "samples", "checkpoint", "sr_dir"}]}.
     """

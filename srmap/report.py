@@ -267,21 +267,34 @@ def figure2(info: Mapping, results_dir: Path, valid_dir: Path, hr_images: Mappin
 
 
 def figure3(info: Mapping, results_dir: Path, hr: np.ndarray, stem: str, out: Path) -> None:
-    """Figure 3: the HR image next to the per-pixel std across the SRMAP samples (brighter = more difference)."""
+    """Figure 3: the HR image next to the per-pixel std across the SRMAP samples (brighter = more difference).
+
+    When ``info`` lists the projected SRMAP row (slug ``srmap_projected``), a
+    third panel shows the std across its samples on the same colour scale, so
+    the spread the projection keeps can be read off directly. Std in 0-255
+    units over uint8 samples (``srmap.explorer.stochasticity_map``).
+    """
     plt = _plt()
-    paths = _sr_paths(results_dir, info, SRMAP_SLUG, stem)
-    samples = [read_rgb8(p) for p in paths]
-    h = min([hr.shape[0]] + [s.shape[0] for s in samples])
-    w = min([hr.shape[1]] + [s.shape[1] for s in samples])
-    std = stochasticity_map([s[:h, :w] for s in samples])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6 * h / max(w, 1) + 0.8), layout="constrained")
+    rows = [(SRMAP_SLUG, "SRMAP")]
+    if any(m["slug"] == SRMAP_SLUG + PROJECTED[0] for m in info["methods"]):
+        rows.append((SRMAP_SLUG + PROJECTED[0], "SRMAP" + PROJECTED[1]))
+    samples = {slug: [read_rgb8(p) for p in _sr_paths(results_dir, info, slug, stem)] for slug, _ in rows}
+    h = min([hr.shape[0]] + [s.shape[0] for ss in samples.values() for s in ss])
+    w = min([hr.shape[1]] + [s.shape[1] for ss in samples.values() for s in ss])
+    stds = {slug: stochasticity_map([s[:h, :w] for s in ss]) for slug, ss in samples.items()}
+    vmax = max(float(std.max()) for std in stds.values()) or 1.0
+    n = 1 + len(rows)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4.6 * h / max(w, 1) + 0.8), layout="constrained")
     axes[0].imshow(hr[:h, :w])
     axes[0].set_title(f"Ground-truth HR ({stem})", fontsize=10)
-    im = axes[1].imshow(std, cmap="gray", vmin=0)
-    axes[1].set_title(f"Std across {len(samples)} SRMAP sample(s), max {std.max():.2f} / 255", fontsize=10)
+    for ax, (slug, name) in zip(axes[1:], rows):
+        std = stds[slug]
+        im = ax.imshow(std, cmap="gray", vmin=0, vmax=vmax)
+        ax.set_title(f"Std across {len(samples[slug])} {name} sample(s)\nmax {std.max():.2f}, "
+                     f"mean {std.mean():.2f} / 255", fontsize=10)
     for ax in axes:
         ax.axis("off")
-    fig.colorbar(im, ax=list(axes), shrink=0.8, label="std (0-255 scale)")  # on both, so the panels match
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label="std (0-255 scale)")  # on every panel, so they match
     _save_figure(fig, out)
 
 
@@ -394,7 +407,8 @@ def report_html(*, measured: list[dict], published: list[dict], metrics: Mapping
         "fig2": "Figure 2. Super-resolution demonstration. First: input LR. Second: ground-truth HR. "
                 "Third: output of the L1-pretrained generator. Fourth: SRMAP output (sample 0).",
         "fig3": "Figure 3. Stochasticity. First: HR image. Second: per-pixel standard deviation across the "
-                "SRMAP samples (brighter = more difference).",
+                "SRMAP samples (brighter = more difference). Third, when Table 2 has it: the same for the SRMAP "
+                "samples projected onto the input (srmap.resize), on the same scale.",
         "fig4": "Figure 4. Loss curves against the training step (dashed: learning-rate changes).",
     }
     figs = "".join(f"<figure>{_img_tag(path, name)}<figcaption>{html.escape(captions[name])}</figcaption></figure>"

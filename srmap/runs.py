@@ -18,14 +18,21 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from srmap.config import STAGES
+from srmap.options import PROJECTED
 from srmap.report import _fmt, _plt, _save_figure  # the report's number format and figure helpers
 from srmap.tracking import EXPERIMENT, GROUP_TAG
 
 # (column title, MLflow metric key, printed decimals) of the table's score columns.
+# "+ P": the row projected onto the input (evaluate.consistency: project); "inner": LR-PSNR with 2 LR px shaved.
 SCORE_COLUMNS = [("SRMAP LPIPS ↓", "srmap/lpips", 3), ("SRMAP LR-PSNR ↑", "srmap/lr_psnr", 2),
+                 ("SRMAP LR-PSNR inner ↑", "srmap/lr_psnr_inner", 2),
                  ("SRMAP diversity ↑", "srmap/diversity", 2), ("SRMAP PSNR ↑", "srmap/psnr", 2),
-                 ("SRMAP SSIM ↑", "srmap/ssim", 4), ("L1 LPIPS ↓", "l1/lpips", 3),
-                 ("L1 LR-PSNR ↑", "l1/lr_psnr", 2)]
+                 ("SRMAP SSIM ↑", "srmap/ssim", 4),
+                 ("SRMAP + P LPIPS ↓", f"srmap{PROJECTED[0]}/lpips", 3),
+                 ("SRMAP + P LR-PSNR ↑", f"srmap{PROJECTED[0]}/lr_psnr", 2),
+                 ("SRMAP + P diversity ↑", f"srmap{PROJECTED[0]}/diversity", 2),
+                 ("L1 LPIPS ↓", "l1/lpips", 3), ("L1 LR-PSNR ↑", "l1/lr_psnr", 2),
+                 ("L1 + P LPIPS ↓", f"l1{PROJECTED[0]}/lpips", 3)]
 
 
 @dataclass

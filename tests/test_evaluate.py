@@ -75,6 +75,7 @@ def test_score_image_mean_and_worst_lr_psnr_by_hand(lpips):
     pa, pb = 10 * math.log10(255**2 / 100), 10 * math.log10(255**2 / 25)
     assert r["LRPSNR_mean"] == pytest.approx((pa + pb) / 2)
     assert r["LRPSNR_worst"] == pytest.approx(pa)
+    assert r["LRPSNR_inner"] == pytest.approx((pa + pb) / 2)  # constant error: the same with the band shaved
     assert r["PSNR"] == pytest.approx((pa + pb) / 2)  # constant offsets: HR PSNR equals LR-PSNR here
     assert r["SSIM"] < 1.0
     assert set(r) == set(COLUMNS[1:])

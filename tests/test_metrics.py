@@ -111,6 +111,22 @@ def test_lr_psnr_constant_images_by_hand_and_identical_inf():
     assert lr_psnr(img, img) == math.inf
 
 
+def test_lr_psnr_shave_leaves_out_only_the_lr_border_band():
+    from srmap.metrics import lr_psnr_to
+    from srmap.resize import imresize
+
+    gt = np.full((32, 32, 3), 100, np.uint8)
+    gt_lr = imresize(gt, 0.25, rounding="half_even")  # 8x8, all 100
+    sr = gt.copy()
+    sr[:2] = 180  # HR rows 0-1 reach LR rows 0-1 only (the x1/4 kernel spans 8 HR px either side of 9.5 for row 2)
+    assert lr_psnr_to(sr, gt_lr) < 40
+    assert lr_psnr_to(sr, gt_lr, lr_shave=2) == math.inf  # the band is all the error there is
+    sr[12:16, 12:16] = 110  # an inner error stays in the shaved score
+    assert lr_psnr_to(sr, gt_lr, lr_shave=2) < math.inf
+    with pytest.raises(ValueError, match="lr_shave=4"):
+        lr_psnr_to(sr, gt_lr, lr_shave=4)
+
+
 # --- LPIPS ---------------------------------------------------------------------------------
 
 

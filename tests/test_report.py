@@ -88,6 +88,25 @@ def test_table2_measured_from_results_and_published_block(tmp_path):
     assert rows[-1]["diversity ↑"] == "25.36"
 
 
+def test_figure3_adds_the_projected_samples_spread_when_table2_has_them(tmp_path):
+    args = _inputs(tmp_path, pretrained=True)
+    build_report(**args)
+    plain = Image.open(args["out_dir"] / "fig3.png").size
+    info = json.loads((args["results_dir"] / "methods.json").read_text())
+    info["methods"].append({"slug": "srmap_projected", "label": "SRMAP (ours) + projection", "samples": 3,
+                            "checkpoint": "gan.pt"})
+    (args["results_dir"] / "methods.json").write_text(json.dumps(info))
+    args["results"]["srmap_projected"] = _summary(0.24, 70.0, 3.0, 25.0, 0.68, 3)
+    with pytest.raises(FileNotFoundError, match="srmap_projected"):  # listed but its samples are missing
+        build_report(**args)
+    for stem in ("a", "b"):
+        for k in range(3):
+            _write(args["results_dir"] / "sr" / "srmap_projected" / f"{stem}_s{k}.png", _rand(40, 48, 20 + k))
+    build_report(**args)
+    three = Image.open(args["out_dir"] / "fig3.png").size
+    assert three[0] > plain[0] * 1.3 and abs(three[1] - plain[1]) < plain[1] * 0.2  # one panel more, same height
+
+
 def test_pretrained_backbone_has_no_caveat_and_names_its_weights(tmp_path):
     args = _inputs(tmp_path, pretrained=True)
     build_report(**args)
