@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 BASELINE_ROWS = ["bicubic", "bicubic_projected"]
 EVALUATE_ROWS = ["l1", "srmap", "l1_projected", "srmap_projected"]
 METHODS = BASELINE_ROWS + EVALUATE_ROWS
-KEYS = ["lpips", "lr_psnr", "lr_psnr_worst", "diversity", "psnr", "ssim", "psnr_y", "ssim_y", "lr_psnr_inner", "samples",
-        "images"]
+KEYS = ["lpips", "lr_psnr", "lr_psnr_worst", "diversity", "psnr", "ssim", "psnr_y", "ssim_y", "lr_psnr_inner",
+        "samples", "images"]
 
 
 def test_report_and_metrics_exist_and_are_finite(demo_run: Path):
