@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from srmap.resize import mirror_index
+
 MANIFEST = "manifest.json"  # written last by srmap.prepare.degrade_split; lists the pairs and their shapes
 
 
@@ -35,14 +37,24 @@ class PatchDataset(torch.utils.data.Dataset):
     process or DDP rank therefore gets the same pair for the same index, and a
     run resumes mid-epoch by index. Arrays are memory-mapped lazily in each
     process (nothing large is pickled to workers).
+
+    ``hr_context`` > 0 widens every HR patch by that many HR pixels on each
+    side, read from the image around the patch (mirrored past the image edge
+    by MATLAB's rule, :func:`srmap.resize.mirror_index`, as the LR was made),
+    and transformed with it; its centre is the HR patch of ``hr_context=0``,
+    and the crop positions do not change. The fidelity term uses the ring
+    (``srmap.losses.fidelity_loss``'s ``hr_context``).
     """
 
-    def __init__(self, root: Path, *, lr_patch: int = 48, scale: int = 4, length: int, seed: int = 0):
+    def __init__(self, root: Path, *, lr_patch: int = 48, scale: int = 4, length: int, seed: int = 0,
+                 hr_context: int = 0):
         self.root = Path(root)
         self.lr_patch, self.scale, self.length, self.seed = int(lr_patch), int(scale), int(length), int(seed)
-        if self.lr_patch < 1 or self.scale < 1 or self.length < 1 or self.seed < 0:
-            raise ValueError(f"PatchDataset: lr_patch={lr_patch}, scale={scale}, length={length}, seed={seed}; "
-                             f"expected positive integers and a non-negative seed")
+        self.hr_context = int(hr_context)
+        if self.lr_patch < 1 or self.scale < 1 or self.length < 1 or self.seed < 0 or self.hr_context < 0:
+            raise ValueError(f"PatchDataset: lr_patch={lr_patch}, scale={scale}, length={length}, seed={seed}, "
+                             f"hr_context={hr_context}; expected positive integers and a non-negative seed and "
+                             f"context")
         self.stems = self._find_stems()
         self.lr_shapes = []
         for stem in self.stems:
@@ -101,7 +113,8 @@ class PatchDataset(torch.utils.data.Dataset):
         return int(order[i % n])
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample ``i``: (LR uint8 (3, p, p), HR uint8 (3, p*scale, p*scale)), the same crop and transform."""
+        """Sample ``i``: (LR uint8 (3, p, p), HR uint8 (3, q, q)), the same crop and transform, where
+        ``q = p*scale + 2*hr_context``."""
         if not 0 <= i < self.length:
             raise IndexError(f"PatchDataset index {i} out of range [0, {self.length})")
         k = self.image_index(i)
@@ -111,7 +124,13 @@ class PatchDataset(torch.utils.data.Dataset):
         h, w = self.lr_shapes[k]
         y, x, op = int(rng.integers(h - p + 1)), int(rng.integers(w - p + 1)), int(rng.integers(8))
         lr = _dihedral(lr_img[y:y + p, x:x + p], op)  # (p, p, 3) view of the map
-        hr = _dihedral(hr_img[y * s:(y + p) * s, x * s:(x + p) * s], op)  # (p*s, p*s, 3)
+        c = self.hr_context
+        if c == 0:
+            hr = _dihedral(hr_img[y * s:(y + p) * s, x * s:(x + p) * s], op)  # (p*s, p*s, 3)
+        else:  # rows and columns past the image edge mirror as imresize's do
+            rows = mirror_index(np.arange(y * s - c, (y + p) * s + c), h * s)
+            cols = mirror_index(np.arange(x * s - c, (x + p) * s + c), w * s)
+            hr = _dihedral(hr_img[rows[:, None], cols[None, :]], op)  # (p*s+2c, p*s+2c, 3)
         return (torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1))),
                 torch.from_numpy(np.ascontiguousarray(hr.transpose(2, 0, 1))))
 
@@ -164,10 +183,12 @@ class StepBatchSampler(Sampler):
 
 def step_loader(data_dir: Path, *, lr_patch: int, scale: int, seed: int, total_steps: int, batch_size: int,
                 start_step: int, end_step: int, rank: int, world: int, groups: int, workers: int,
-                pin_memory: bool) -> DataLoader:
+                pin_memory: bool, hr_context: int = 0) -> DataLoader:
     """This rank's batches of steps [start_step, end_step) of a run of ``total_steps``: uint8 (LR, HR) pairs,
-    LR (n,3,p,p) and HR (n,3,p*scale,p*scale), ``n = batch_size / world``; see :class:`StepBatchSampler`."""
-    dataset = PatchDataset(data_dir, lr_patch=lr_patch, scale=scale, length=total_steps * batch_size, seed=seed)
+    LR (n,3,p,p) and HR (n,3,p*scale+2*hr_context, same), ``n = batch_size / world``; see
+    :class:`StepBatchSampler` and :class:`PatchDataset`."""
+    dataset = PatchDataset(data_dir, lr_patch=lr_patch, scale=scale, length=total_steps * batch_size, seed=seed,
+                           hr_context=hr_context)
     sampler = StepBatchSampler(start_step=start_step, total_steps=min(end_step, total_steps), batch_size=batch_size,
                                rank=rank, world=world, groups=groups)
     # A private generator: creating the iterator would otherwise draw from the

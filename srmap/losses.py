@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ADV_KINDS = ("softplus", "hinge")
+HR_CONTEXT = 8  # HR pixels of true context around a patch that the x1/4 kernel (16 HR px wide) reads past its edge
 
 
 def _check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
@@ -39,7 +40,8 @@ def l1_loss(sr: Tensor, hr: Tensor) -> Tensor:
     return F.l1_loss(sr.float(), hr.float())
 
 
-def fidelity_loss(lr: Tensor, sr: Tensor, border: int = 0, clamp: bool = False) -> Tensor:
+def fidelity_loss(lr: Tensor, sr: Tensor, border: int = 0, clamp: bool = False,
+                  hr_context: Tensor | None = None) -> Tensor:
     """MAP data term ``|y - bicubic_down(G(y))|`` (report Eq. 4), mean over pixels.
 
     Takes the LR input (N,3,h,w) and the SR output (N,3,4h,4w), float in [0,1];
@@ -47,11 +49,18 @@ def fidelity_loss(lr: Tensor, sr: Tensor, border: int = 0, clamp: bool = False) 
     ``border`` LR pixels at each edge are left out of the mean: for training
     patches cut from a larger image, the resize mirrors at the patch edge
     where the true LR saw the neighbouring pixels (2 for x4: the kernel's
-    support is 16 HR pixels). ``clamp`` scores ``clamp(sr, 0, 1)``, the image
-    evaluation sees, with a straight-through gradient (the clamp's value, the
-    identity's gradient, so saturated pixels still learn). Returns a float32
-    scalar >= 0. Call it outside autocast: the resize would otherwise run its
-    matrix products in bf16.
+    support is 16 HR pixels). ``hr_context`` supervises that band instead
+    (ours): the true HR patch widened by c HR pixels on each side
+    (N,3,4h+2c,4w+2c), c a multiple of 4 and at least 8 (``HR_CONTEXT``). Its
+    ring is put around ``sr``, the whole is downscaled and the c/4 outer LR
+    pixels dropped, so every LR pixel of the patch, band included, sees G's
+    output where the true LR saw the patch and the true HR where it saw its
+    neighbours; ``border`` must then be 0. ``clamp`` scores
+    ``clamp(sr, 0, 1)``, the image evaluation sees, with a straight-through
+    gradient (the clamp's value, the identity's gradient, so saturated pixels
+    still learn). Returns a float32 scalar >= 0. Raises ValueError on shapes
+    or a border that leaves nothing. Call it outside autocast: the resize
+    would otherwise run its matrix products in bf16.
     """
     from srmap.resize import imresize
 
@@ -59,14 +68,25 @@ def fidelity_loss(lr: Tensor, sr: Tensor, border: int = 0, clamp: bool = False) 
         raise ValueError(f"fidelity_loss expects NCHW tensors, got lr {tuple(lr.shape)} and sr {tuple(sr.shape)}")
     if sr.shape[-2:] != (4 * lr.shape[-2], 4 * lr.shape[-1]):
         raise ValueError(f"sr has spatial size {tuple(sr.shape[-2:])}; expected 4x the LR size {tuple(lr.shape[-2:])}")
-    sr = sr.float()
-    if clamp:
-        sr = sr + (sr.clamp(0, 1) - sr).detach()
-    down = imresize(sr, 0.25)
-    _check_pair("bicubic_down(sr)", down, "lr", lr)
     b = int(border)
     if b < 0 or 2 * b >= min(lr.shape[-2:]):
         raise ValueError(f"border: {border} LR pixels leave nothing of a {tuple(lr.shape[-2:])} LR patch")
+    sr = sr.float()
+    if clamp:
+        sr = sr + (sr.clamp(0, 1) - sr).detach()
+    if hr_context is not None:
+        c = (hr_context.shape[-1] - sr.shape[-1]) // 2
+        if (b or hr_context.shape[:2] != sr.shape[:2] or c < HR_CONTEXT or c % 4
+                or hr_context.shape[-2:] != (sr.shape[-2] + 2 * c, sr.shape[-1] + 2 * c)):
+            raise ValueError(f"hr_context has shape {tuple(hr_context.shape)} for sr {tuple(sr.shape)} and border "
+                             f"{border}; expected sr's size plus the same multiple of 4 (>= {HR_CONTEXT}) HR pixels "
+                             f"on every side, and border 0")
+        ring = hr_context.float().clone()
+        ring[..., c:-c, c:-c] = 0
+        down = imresize(F.pad(sr, (c, c, c, c)) + ring, 0.25)[..., c // 4:-(c // 4), c // 4:-(c // 4)]
+    else:
+        down = imresize(sr, 0.25)
+    _check_pair("bicubic_down(sr)", down, "lr", lr)
     if b:
         down, lr = down[..., b:-b, b:-b], lr[..., b:-b, b:-b]
     return F.l1_loss(down, lr.float())

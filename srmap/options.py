@@ -246,6 +246,8 @@ class GanOptions:
     noise_init: float | None  # noise scales set at the start, 0-255 units; null keeps them (authors); a number: ours
     fidelity_border: int  # LR pixels at each patch edge left out of the fidelity term; ours: 2 (authors: 0)
     fidelity_clamp: bool  # fidelity on clamp(G(y), 0, 1), straight-through gradient; ours (authors: false)
+    fidelity_context: bool  # supervise the border band with 8 px of true HR context around the patch; ours (needs
+    #                         fidelity_border 0 and consistency none)
     consistency: Literal["none", "project"]  # project G(y) onto {x : D x = y} before losses; ours (authors: none)
     epochs: int  # length, epochs of iters_per_epoch steps; report: 200
     iters_per_epoch: int  # steps per epoch; authors: 1000 (EDSR loader, --test_every)
@@ -268,3 +270,9 @@ class GanOptions:
         if 2 * self.fidelity_border >= self.lr_patch:
             raise OptionError("fidelity_border", f"less than half of lr_patch ({self.lr_patch})",
                               self.fidelity_border)
+        if self.fidelity_context and self.fidelity_border:
+            raise OptionError("fidelity_border", "0 with fidelity_context: true (the context supervises the band)",
+                              self.fidelity_border)
+        if self.fidelity_context and self.consistency != "none":
+            raise OptionError("consistency", "none with fidelity_context: true (a projection that reads the HR "
+                                             "context is not built)", self.consistency)

@@ -68,10 +68,20 @@ def contributions(in_len: int, out_len: int, scale: float) -> tuple[np.ndarray, 
     idx1 = left[:, None] + np.arange(taps)  # 1-based, may leave [1, in_len]
     weights = kernel(u[:, None] - idx1)
     weights = weights / weights.sum(axis=1, keepdims=True)
-    # MATLAB's mirror: period 2*in_len over [0..n-1, n-1..0], so the edge sample repeats.
-    mirror = np.concatenate([np.arange(in_len), np.arange(in_len - 1, -1, -1)])
-    indices = mirror[np.mod(idx1.astype(np.int64) - 1, 2 * in_len)]
-    return weights, indices
+    return weights, mirror_index(idx1.astype(np.int64) - 1, in_len)
+
+
+def mirror_index(index: np.ndarray, length: int) -> np.ndarray:
+    """MATLAB ``imresize``'s boundary rule: 0-based indices of any integer value reflected into ``[0, length)``.
+
+    Symmetric padding that repeats the edge sample (-1 -> 0, -2 -> 1,
+    length -> length - 1), periodic with period ``2 * length``. Takes and
+    returns int64 arrays of the same shape. The training data's HR context
+    (:class:`srmap.data.PatchDataset`) reads past the image edge with it, so
+    that it matches the boundary the LR images were made with.
+    """
+    mirror = np.concatenate([np.arange(length), np.arange(length - 1, -1, -1)])
+    return mirror[np.mod(np.asarray(index, dtype=np.int64), 2 * length)]
 
 
 @functools.lru_cache(maxsize=64)

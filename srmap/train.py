@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from srmap.checkpoint import load_generator, save_checkpoint, save_generator
 from srmap.data import step_loader
-from srmap.losses import critic_adv_loss, fidelity_loss, generator_adv_loss, l1_loss, r1_penalty
+from srmap.losses import HR_CONTEXT, critic_adv_loss, fidelity_loss, generator_adv_loss, l1_loss, r1_penalty
 from srmap.nets import Critic, Generator
 from srmap.noise import training_keys
 from srmap.options import LOSSES, SCALE, CriticConfig, GanOptions, GeneratorConfig, PretrainOptions, from_params
@@ -175,8 +175,11 @@ def train_gan(opts: GanOptions, *, data_dir, out_dir, init_generator, gen_cfg, c
     params_g, params_d = list(G.parameters()), list(D.parameters())
     half = opts.batch_size // 2 // s.info.world  # patches per half per rank
 
-    def consistent(sr, y):  # G's output as the losses see it
-        return project_consistent(sr, y, border=opts.fidelity_border) if opts.consistency == "project" else sr
+    def consistent(sr, y):  # G's output as the losses see it; the projection in float32 even under bf16 autocast
+        if opts.consistency != "project":
+            return sr
+        with torch.autocast(s.device.type, enabled=False):
+            return project_consistent(sr.float(), y.float(), border=opts.fidelity_border)
 
     with _Harness(s, opts, nets={"G": G, "G_ema": G_ema, "D": D}, optimizers={"G": opt_g, "D": opt_d},
                   schedulers={"G": sched_g, "D": sched_d},
@@ -185,13 +188,16 @@ def train_gan(opts: GanOptions, *, data_dir, out_dir, init_generator, gen_cfg, c
         monitor = s.out_dir / "monitor"
         if s.info.main:
             clear_monitor(monitor, harness.start if s.ckpt else -1)
-        loader = harness.loader(data_dir, groups=2)
+        c = HR_CONTEXT if opts.fidelity_context else 0  # HR context ring of every patch (fidelity only)
+        loader = harness.loader(data_dir, groups=2, hr_context=c)
         step = harness.start
         for lr_u8, hr_u8 in loader:
+            hr_u8, ctx_u8 = (hr_u8[..., c:-c, c:-c], hr_u8[half:]) if c else (hr_u8, None)
             y_d = to_float(lr_u8[:half], s.device, s.channels_last)  # (h,3,p,p) critic half: LR -> fakes
             x_d = to_float(hr_u8[:half], s.device, s.channels_last)  # (h,3,4p,4p) critic half: reals
             y_g = to_float(lr_u8[half:], s.device, s.channels_last)  # (h,3,p,p) generator half
             x_g = to_float(hr_u8[half:], s.device, s.channels_last)  # (h,3,4p,4p) its paired reals
+            ctx_g = None if ctx_u8 is None else to_float(ctx_u8, s.device, False)  # (h,3,4p+2c,4p+2c) or None
 
             # Critic step: reals of the critic half against fakes from that half's own LR; R1 on the reals.
             requires_grad(D, True)
@@ -218,7 +224,8 @@ def train_gan(opts: GanOptions, *, data_dir, out_dir, init_generator, gen_cfg, c
                 c_fake = D_run(sr)  # (h,)
                 with torch.no_grad():
                     c_real = D_run(x_g)  # (h,)
-            fid = fidelity_loss(y_g, sr, border=opts.fidelity_border, clamp=opts.fidelity_clamp)  # float32
+            fid = fidelity_loss(y_g, sr, border=opts.fidelity_border, clamp=opts.fidelity_clamp,
+                                hr_context=ctx_g)  # float32
             adv_g = generator_adv_loss(c_fake, c_real, opts.adv_loss)
             loss_g = opts.alpha * fid + adv_g
             opt_g.zero_grad(set_to_none=True)
@@ -391,13 +398,15 @@ class _Harness:
         return int(flag.item())
 
     # -- per step ------------------------------------------------------------------------
-    def loader(self, data_dir: Path, groups: int) -> DataLoader:
-        """The batches of the steps this run still has to make (up to ``stop_after``)."""
+    def loader(self, data_dir: Path, groups: int, hr_context: int = 0) -> DataLoader:
+        """The batches of the steps this run still has to make (up to ``stop_after``); HR patches widened by
+        ``hr_context`` px on each side (:class:`srmap.data.PatchDataset`)."""
         o, s = self.opts, self.s
         end = s.total if self.stop_after is None else self.stop_after
         return step_loader(data_dir, lr_patch=o.lr_patch, scale=SCALE, seed=o.seed, total_steps=s.total,
                            batch_size=o.batch_size, start_step=self.start, end_step=end, rank=s.info.rank,
-                           world=s.info.world, groups=groups, workers=o.workers, pin_memory=s.device.type == "cuda")
+                           world=s.info.world, groups=groups, workers=o.workers, pin_memory=s.device.type == "cuda",
+                           hr_context=hr_context)
 
     def noise_keys(self, loader: DataLoader, step: int, part: slice) -> torch.Tensor:
         """Noise keys (int64 (n,) on the device) of this rank's samples ``part`` of 0-based ``step``: the run seed

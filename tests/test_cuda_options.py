@@ -98,7 +98,7 @@ def _run(stage: str, data: Path, init: Path, out: Path, flags: dict) -> None:
     else:
         train_gan(GanOptions(**COMMON, **flags, seed=1, lr_g=1e-3, lr_d=1e-3, alpha=2550.0, r1_gamma=1e-3,
                              adv_loss="softplus", image_every=100, ema_beta=0.9, noise_init=None,
-                             fidelity_border=2, fidelity_clamp=False, consistency="none"),
+                             fidelity_border=2, fidelity_clamp=False, fidelity_context=False, consistency="none"),
                   data_dir=data, out_dir=out, init_generator=init, gen_cfg=TINY_G, critic_cfg=TINY_C, device="cpu")
 
 

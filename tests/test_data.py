@@ -116,6 +116,43 @@ def test_patches_are_a_pure_function_of_seed_and_index(tmp_path):
         a[64]
 
 
+def test_hr_context_widens_the_hr_patch_around_the_same_crop_mirrored_past_the_edge(tmp_path):
+    rng = np.random.default_rng(4)
+    (tmp_path / "lr").mkdir()
+    (tmp_path / "hr").mkdir()
+    hr_img = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    np.save(tmp_path / "hr" / "0000.npy", hr_img)
+    np.save(tmp_path / "lr" / "0000.npy", hr_img[::4, ::4])
+    plain = PatchDataset(tmp_path, lr_patch=4, scale=4, length=64, seed=2)
+    ring = PatchDataset(tmp_path, lr_patch=4, scale=4, length=64, seed=2, hr_context=8)
+    padded = np.pad(hr_img, ((8, 8), (8, 8), (0, 0)), mode="symmetric")  # MATLAB imresize's boundary rule
+    edges = 0
+    for i in range(64):
+        (lr_a, hr_a), (lr_b, hr_b) = plain[i], ring[i]
+        assert torch.equal(lr_a, lr_b) and hr_b.shape == (3, 32, 32)
+        assert torch.equal(hr_b[:, 8:-8, 8:-8], hr_a)  # the centre is the plain HR patch, same transform
+        # the ring is the image around the patch: find the window of the padded image it came from
+        window = hr_b.permute(1, 2, 0).numpy()
+        found = [(y, x) for y in range(0, 40 - 16 + 1, 4) for x in range(0, 48 - 16 + 1, 4)  # LR-aligned crops
+                 if any(np.array_equal(_undo(window, op), padded[y:y + 32, x:x + 32]) for op in range(8))]
+        assert found, i
+        edges += any(y in (0, 24) or x in (0, 32) for y, x in found)
+    assert edges > 0  # some patches touch the image edge and read mirrored pixels
+    with pytest.raises(ValueError, match="hr_context"):
+        PatchDataset(tmp_path, lr_patch=4, length=4, hr_context=-1)
+
+
+def _undo(img, op):
+    """All candidates for the HxWxC view before transform ``op`` (the inverse of srmap.data._dihedral)."""
+    if op & 4:
+        img = img.transpose(1, 0, 2)
+    if op & 2:
+        img = img[::-1]
+    if op & 1:
+        img = img[:, ::-1]
+    return img
+
+
 def test_patch_dataset_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="degrade_split"):
         PatchDataset(tmp_path, length=4)

@@ -75,7 +75,7 @@ def stage_kwargs(data: Path, out: Path, init: Path) -> dict:
                      "run": dict(data_dir=str(data), out_dir=str(out / "pretrain"), gen_cfg=TINY_G, device="cpu")},
         "train_gan": {"opts": dict(COMMON, seed=1, lr_g=1e-3, lr_d=1e-3, alpha=2550.0, r1_gamma=1e-3,
                                    adv_loss="softplus", image_every=2, ema_beta=0.9, noise_init=5.0,
-                                   fidelity_border=2, fidelity_clamp=False, consistency="none"),
+                                   fidelity_border=2, fidelity_clamp=False, fidelity_context=False, consistency="none"),
                       "run": dict(data_dir=str(data), out_dir=str(out / "gan"), init_generator=str(init),
                                   gen_cfg=TINY_G, critic_cfg=TINY_C, device="cpu")},
     }

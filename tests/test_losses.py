@@ -190,3 +190,52 @@ def test_fidelity_border_band_leaves_only_the_lr_rounding_error():
     assert without > with_band + 1e-4  # the mirrored border really does cost
     with pytest.raises(ValueError, match="border"):
         fidelity_loss(lr_p / 255, hr_p / 255, border=6)
+
+
+def _true_pair(top=10, left=13, p=12, context=8):
+    """A true LR patch (uint8 rounding of MATLAB bicubic x1/4 of the whole image) and its HR patch, plus that HR
+    patch widened by ``context`` px, all float64 in [0, 1]."""
+    from skimage import data as skdata
+
+    from srmap.resize import imresize
+
+    hr = torch.from_numpy(skdata.astronaut()[:192, :192]).permute(2, 0, 1)[None].double()
+    lr_exact = imresize(hr, 0.25)
+    lr_p = lr_exact.round().clamp(0, 255)[..., top:top + p, left:left + p] / 255
+    c = context
+    ctx = hr[..., 4 * top - c:4 * (top + p) + c, 4 * left - c:4 * (left + p) + c] / 255
+    rounding = (lr_p * 255 - lr_exact[..., top:top + p, left:left + p]).abs().mean() / 255
+    return lr_p, ctx[..., c:-c, c:-c], ctx, rounding
+
+
+def test_fidelity_with_hr_context_supervises_the_whole_patch_at_the_rounding_error():
+    """The HR ring around a true HR patch makes the full-patch loss (band included) the LR's uint8 rounding,
+    and the band's LR pixels then send gradient to G's output, which the border-2 loss never does."""
+    lr_p, hr_p, ctx, rounding = _true_pair()
+    assert fidelity_loss(lr_p, hr_p, hr_context=ctx) <= rounding + 1e-9
+    assert fidelity_loss(lr_p, hr_p) > rounding + 1e-4  # the mirrored border costs without the ring
+    sr = (hr_p + 0.02 * torch.randn_like(hr_p)).requires_grad_(True)
+    fidelity_loss(lr_p, sr, hr_context=ctx).backward()
+    ring_grad = sr.grad.clone()
+    sr.grad = None
+    fidelity_loss(lr_p, sr, border=2).backward()
+    edge = (slice(None), slice(None), slice(0, 2), slice(None))  # HR rows 0-1: only LR rows 0-1 (the band) read them
+    assert sr.grad[edge].abs().max() == 0 and ring_grad[edge].abs().max() > 0
+    with pytest.raises(ValueError, match="hr_context"):
+        fidelity_loss(lr_p, hr_p, hr_context=ctx[..., 4:-4, 4:-4])  # 4 px: less than the kernel reaches
+    with pytest.raises(ValueError, match="border 0"):
+        fidelity_loss(lr_p, hr_p, border=2, hr_context=ctx)
+
+
+def test_fidelity_clamp_scores_the_clamped_image_with_the_identity_gradient():
+    lr_p, hr_p, _, _ = _true_pair()
+    sr = (hr_p * 1.3 - 0.1).requires_grad_(True)  # over- and undershoots
+    clamped = sr.detach().clamp(0, 1).requires_grad_(True)
+    loss = fidelity_loss(lr_p, sr, clamp=True)
+    ref = fidelity_loss(lr_p, clamped)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    assert loss.item() != pytest.approx(fidelity_loss(lr_p, sr.detach()).item(), rel=1e-3)  # the clamp matters
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(sr.grad, clamped.grad)  # straight through: saturated pixels still get gradient
+    assert (sr.grad[(sr.detach() > 1) | (sr.detach() < 0)] != 0).any()

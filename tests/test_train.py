@@ -70,7 +70,7 @@ def gan_kw(data_dir, out_dir, init_generator, **over):
     kw = dict(data_dir=data_dir, out_dir=out_dir, init_generator=init_generator, gen_cfg=TINY_G,
               critic_cfg=TINY_C, seed=1, batch_size=4, lr_patch=8, lr_g=1e-3, lr_d=1e-3, betas=[0.0, 0.99],
               alpha=2550.0, r1_gamma=1.5e-4, adv_loss="softplus", ema_beta=0.9, noise_init=5.0, fidelity_border=2,
-              fidelity_clamp=False, consistency="none", epochs=2,
+              fidelity_clamp=False, fidelity_context=False, consistency="none", epochs=2,
               iters_per_epoch=2, milestones=[1],
               lr_gamma=0.5, image_every=2, ckpt_every=100, log_every=1, workers=0, max_bad_steps=3, amp=True,
               channels_last=True, compile=False, device="cpu")
@@ -205,6 +205,42 @@ def test_a_run_shorter_than_image_every_still_writes_its_last_grid(data_dir, ini
     train_gan(**gan_kw(data_dir, tmp_path / "odd", init_generator, epochs=1, iters_per_epoch=3))
     assert sorted(p.name for p in (tmp_path / "odd" / "monitor").glob("*.png")) == ["step_00000002.png",
                                                                                     "step_00000003.png"]
+
+
+@pytest.mark.parametrize("option", [{"consistency": "project"}, {"fidelity_clamp": True},
+                                    {"fidelity_context": True, "fidelity_border": 0}, {"fidelity_border": 0}],
+                         ids=["project", "clamp", "context", "whole_patch"])
+def test_each_consistency_option_trains_and_changes_the_generator(data_dir, init_generator, tmp_path, option):
+    """The #22 options of train_gan: each trains (bf16 autocast on, as in gan_kw) and changes G's weights."""
+    if option.get("fidelity_clamp"):  # a G whose output leaves [0, 1] (its last toRGB starts at 0), so the clamp bites
+        from srmap.checkpoint import load_generator
+
+        G = load_generator(init_generator)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            G.to_rgb[-1].weight.normal_(0.0, 2.0)
+        init_generator = tmp_path / "overshoot.pt"
+        save_generator(init_generator, G, GeneratorConfig(**TINY_G), {"stage": "test"})
+    base = load_checkpoint(train_gan(**gan_kw(data_dir, tmp_path / "base", init_generator)))["state_dict"]
+    out = train_gan(**gan_kw(data_dir, tmp_path / "opt", init_generator, **option))
+    rows = read_csv(tmp_path / "opt" / "losses.csv")
+    assert all(np.isfinite(float(r[c])) for r in rows for c in ("fidelity", "generator", "critic"))
+    changed = load_checkpoint(out)["state_dict"]
+    assert any(not torch.equal(changed[k], base[k]) for k in base if changed[k].is_floating_point())
+    if option.get("consistency") == "project":  # the losses see the projected output: consistent inside the band
+        assert all(float(r["fidelity"]) < 1e-5 for r in rows), [r["fidelity"] for r in rows]
+    else:
+        assert all(float(r["fidelity"]) > 1e-4 for r in rows)
+
+
+def test_fidelity_context_refuses_a_border_and_the_projection():
+    from srmap.options import OptionError
+
+    kw = {k: v for k, v in gan_kw(Path("."), Path("."), Path("."))["opts"].__dict__.items()}
+    with pytest.raises(OptionError, match="fidelity_border: expected 0 with fidelity_context"):
+        GanOptions(**{**kw, "fidelity_context": True})
+    with pytest.raises(OptionError, match="consistency: expected none with fidelity_context"):
+        GanOptions(**{**kw, "fidelity_context": True, "fidelity_border": 0, "consistency": "project"})
 
 
 def test_ema_update_is_the_authors_lerp():
