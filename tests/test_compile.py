@@ -76,7 +76,8 @@ def test_compiled_gan_loop_does_not_recompile_after_its_first_step(tmp_path, mon
     monkeypatch.setattr(T, "_compiled", lambda m, c: torch.compile(m, backend="aot_eager", dynamic=False) if c else m)
     opts = GanOptions(seed=1, batch_size=4, lr_patch=8, lr_g=1e-3, lr_d=1e-3, betas=(0.0, 0.99), alpha=2550.0,
                       r1_gamma=1e-3, adv_loss="softplus", ema_beta=0.9, noise_init=5.0, fidelity_border=2,
-                      fidelity_clamp=False, fidelity_context=False, consistency="none", epochs=1, iters_per_epoch=4, milestones=(),
+                      fidelity_clamp=False, fidelity_context=False, consistency="none", epochs=1, iters_per_epoch=4,
+                      milestones=(),
                       lr_gamma=0.5, image_every=100, ckpt_every=100, log_every=1, workers=0, max_bad_steps=3,
                       amp=False, channels_last=True, compile=True)
     counters.clear()
