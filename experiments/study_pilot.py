@@ -11,6 +11,10 @@ logged to MLflow (library calls, no pipeline stage); every number goes to stdout
     python experiments/study_pilot.py noise 5 15 40              # the L1 generator with noise switched on, no GAN
     python experiments/study_pilot.py gan n10 --steps 300 noise_init=10 ema_beta=0.99 lr_d=0.0001
     python experiments/study_pilot.py --profile demo --work /tmp/demo-pilot pretrain --steps 1500 lr=0.001
+    python experiments/study_pilot.py --profile demo --work /tmp/demo-pilot gan context --steps 400 \
+        fidelity_context=true fidelity_border=0                      # a #22 option (docs/study.md)
+
+A GAN run is scored as it is and projected onto its input (``+ projection``).
 
 Runs about 5 min per 300 GAN steps on 2 CPU cores; outputs under --work.
 """
@@ -51,8 +55,8 @@ def _score(methods, score_dir: Path, out: Path, tag: str) -> None:
     metrics, _ = evaluate_stage(valid_dir=score_dir, methods=methods, out_dir=out, noise_scale=1.0, crop_border=4,
                                 lpips_pretrained=True, tile=0, tile_pad=16)
     for slug, m in metrics.items():
-        print(f"{tag} {slug}: LPIPS {m['lpips']:.4f} LR-PSNR {m['lr_psnr']:.2f} diversity {m['diversity']:.2f} "
-              f"PSNR {m['psnr']:.2f}", flush=True)
+        print(f"{tag} {slug}: LPIPS {m['lpips']:.4f} LR-PSNR {m['lr_psnr']:.2f} (2-px LR shave "
+              f"{m['lr_psnr_inner']:.2f}) diversity {m['diversity']:.2f} PSNR {m['psnr']:.2f}", flush=True)
 
 
 def main() -> None:
@@ -107,8 +111,11 @@ def main() -> None:
                   critic_cfg=CriticConfig(**p["model"]["critic"]))
         print(f"gan {name}: {a.steps} steps in {time.time() - t0:.0f} s, overrides {overrides}")
         print(f"gan {name}: noise scales {load_generator(out / 'generator.pt').noise_scale_means()}")
-        _score([Method("l1", "L1", l1), Method("srmap", name, out / "generator.pt", samples=10)], score_dir,
-               a.work / f"eval_gan_{name}", f"gan {name}")
+        g = out / "generator.pt"
+        _score([Method("l1", "L1", l1), Method("srmap", name, g, samples=10),
+                Method("l1_projected", "L1 + projection", l1, consistency="project"),
+                Method("srmap_projected", f"{name} + projection", g, samples=10, consistency="project")],
+               score_dir, a.work / f"eval_gan_{name}", f"gan {name}")
 
 
 if __name__ == "__main__":
