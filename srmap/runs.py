@@ -122,15 +122,22 @@ def collect(store: str | Path, profile: str) -> list[PipelineRun]:
     return sorted(groups.values(), key=lambda g: g.start_ms)
 
 
+NOT_LOGGED = "(not logged)"  # a param the reference's run of that stage did not have: an option added since
+
+
 def changed_params(run: PipelineRun, reference: PipelineRun) -> dict[str, tuple[str, str]]:
     """``{key: (reference value, run value)}`` for the params both groups logged that differ.
 
-    A key only one group logged is not compared: that group reused the stage's
-    cached output instead of running it (DVC and Snakemake re-run only changed
-    stages), so the run did not record it.
+    A key of a stage only one group ran is not compared: that group reused the
+    stage's cached output instead of running it (DVC and Snakemake re-run only
+    changed stages), so the run did not record it. A key of a stage both ran
+    that only ``run`` logged is an option the reference's code did not have:
+    shown as ``(NOT_LOGGED, value)``.
     """
-    return {k: (reference.params[k], v) for k, v in sorted(run.params.items())
-            if k in reference.params and reference.params[k] != v}
+    ref_sections = {k.split(".", 1)[0] for k in reference.params}
+    return {k: (reference.params.get(k, NOT_LOGGED), v) for k, v in sorted(run.params.items())
+            if (k in reference.params and reference.params[k] != v)
+            or (k not in reference.params and k.split(".", 1)[0] in ref_sections)}
 
 
 def change_label(run: PipelineRun, reference: PipelineRun) -> str:

@@ -66,6 +66,15 @@ def test_groups_join_stages_params_and_scores(store):
         find(runs, "nope")
 
 
+def test_an_option_the_reference_did_not_have_shows_as_not_logged():
+    from srmap.runs import NOT_LOGGED, PipelineRun
+
+    ref = PipelineRun("old", params={"train_gan.alpha": "2550.0", "pretrain.lr": "0.0005"})
+    new = PipelineRun("new", params={"train_gan.alpha": "2550.0", "train_gan.fidelity_context": "True",
+                                     "evaluate.samples": "10"})  # evaluate: a stage the reference did not log
+    assert changed_params(new, ref) == {"train_gan.fidelity_context": (NOT_LOGGED, "True")}
+
+
 def test_cli_prints_the_table_and_plots(store, tmp_path, capsys):
     png = tmp_path / "fig" / "fidelity.png"
     png.parent.mkdir()
