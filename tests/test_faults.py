@@ -240,8 +240,11 @@ def test_stage_interrupt_is_one_line_and_the_mlflow_run_is_killed(tmp_path, sig,
     from srmap.runs import EXPERIMENT
 
     env = tool_env(ROOT, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # A suite started in the background by a non-interactive shell (`make test &`) inherits SIGINT ignored, and
+    # Python then installs no Ctrl-C handler; the child gets the default back, as in a terminal.
     proc = subprocess.Popen([sys.executable, "-c", STAGE, str(ROOT / "params.yaml")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout.readline().strip() == "started", proc.stderr.read()
         proc.send_signal(sig)
