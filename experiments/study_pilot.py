@@ -75,7 +75,7 @@ def main() -> None:
     from srmap.evaluate import Method
     from srmap.checkpoint import load_generator
     from srmap.options import CriticConfig, GeneratorConfig
-    from srmap.options import GanOptions, PretrainOptions
+    from srmap.options import PROJECTED, GanOptions, PretrainOptions
     from srmap.train import pretrain, train_gan
 
     _, p = load_params(a.params, a.profile)
@@ -111,11 +111,10 @@ def main() -> None:
                   critic_cfg=CriticConfig(**p["model"]["critic"]))
         print(f"gan {name}: {a.steps} steps in {time.time() - t0:.0f} s, overrides {overrides}")
         print(f"gan {name}: noise scales {load_generator(out / 'generator.pt').noise_scale_means()}")
-        g = out / "generator.pt"
-        _score([Method("l1", "L1", l1), Method("srmap", name, g, samples=10),
-                Method("l1_projected", "L1 + projection", l1, consistency="project"),
-                Method("srmap_projected", f"{name} + projection", g, samples=10, consistency="project")],
-               score_dir, a.work / f"eval_gan_{name}", f"gan {name}")
+        rows = (("l1", "L1", l1, 1), ("srmap", name, out / "generator.pt", 10))
+        _score([Method(slug + suffix, label + tag, path, samples=n, consistency=mode)
+                for mode, (suffix, tag) in (("none", ("", "")), ("project", PROJECTED))
+                for slug, label, path, n in rows], score_dir, a.work / f"eval_gan_{name}", f"gan {name}")
 
 
 if __name__ == "__main__":

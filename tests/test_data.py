@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from srmap.data import MANIFEST, PatchDataset
+from srmap.data import MANIFEST, PatchDataset, _dihedral
 from srmap.prepare import degrade_split, fetch_skimage
 from srmap.resize import imresize
 from srmap.imageio import read_rgb8, write_png
@@ -134,23 +134,13 @@ def test_hr_context_widens_the_hr_patch_around_the_same_crop_mirrored_past_the_e
         # the ring is the image around the patch: find the window of the padded image it came from
         window = hr_b.permute(1, 2, 0).numpy()
         found = [(y, x) for y in range(0, 40 - 16 + 1, 4) for x in range(0, 48 - 16 + 1, 4)  # LR-aligned crops
-                 if any(np.array_equal(_undo(window, op), padded[y:y + 32, x:x + 32]) for op in range(8))]
+                 if any(np.array_equal(window, _dihedral(padded[y:y + 32, x:x + 32], op)) for op in range(8))]
         assert found, i
         edges += any(y in (0, 24) or x in (0, 32) for y, x in found)
     assert edges > 0  # some patches touch the image edge and read mirrored pixels
     with pytest.raises(ValueError, match="hr_context"):
         PatchDataset(tmp_path, lr_patch=4, length=4, hr_context=-1)
 
-
-def _undo(img, op):
-    """All candidates for the HxWxC view before transform ``op`` (the inverse of srmap.data._dihedral)."""
-    if op & 4:
-        img = img.transpose(1, 0, 2)
-    if op & 2:
-        img = img[::-1]
-    if op & 1:
-        img = img[:, ::-1]
-    return img
 
 
 def test_patch_dataset_errors(tmp_path):
