@@ -244,6 +244,30 @@ def test_fidelity_context_refuses_a_border_and_the_projection():
         dataclasses.replace(opts, fidelity_context=True, fidelity_border=0, consistency="project")
 
 
+FLUSH_PROBE = """
+import platform, sys, torch
+from srmap.train_utils import flush_denormals
+torch.set_num_threads(2)
+sub = torch.full((1 << 22,), 1e-39)  # float32 subnormals, split across both threads by parallel_for
+(sub * 1.0).sum()  # the OpenMP pool exists before any flag is set, as in a stage
+torch.set_flush_denormal(True)  # torch's own call reaches the calling thread only
+alone = (sub * 1.0 != 0).float().mean().item()
+threads = flush_denormals()
+after = (sub * 1.0 != 0).float().mean().item()
+print(platform.machine(), alone, threads, after)
+"""
+
+
+def test_flush_denormals_reaches_every_openmp_thread():
+    # A subprocess: the flag is per-thread process state that the rest of the suite should not inherit.
+    out = subprocess.run([sys.executable, "-c", FLUSH_PROBE], capture_output=True, text=True, check=True).stdout
+    machine, alone, threads, after = out.split()
+    if machine not in ("x86_64", "AMD64"):
+        pytest.skip(f"FTZ/DAZ is an x86 mode; this machine is {machine}")
+    assert 0 < float(alone) < 1  # the worker thread still produced subnormals
+    assert (int(threads), float(after)) == (2, 0.0)
+
+
 def test_ema_update_is_the_authors_lerp():
     torch.manual_seed(0)
     model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
