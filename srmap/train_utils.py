@@ -417,7 +417,7 @@ def flush_denormals(on: bool = True) -> int:
     (1.18e-38) for the strongly negative pre-activations that 0-255 scaled features
     reach; measured on the study generator's pretraining step (batch 16, LR 48²),
     about 5 % of the activations' input gradients were subnormal after three Adam
-    steps, and x86 cores take microcode assists on each, which made the backward pass
+    steps, and x86 cores take microcode assists on each, which made the whole step
     2.3x slower (benchmarks/bench_denormal.py). Flushing them changes values
     below 1.18e-38 only; GPUs are untouched (the flag is CPU state).
 
