@@ -307,7 +307,7 @@ def _begin(stage: str, opts, out_dir: Any, resolved: dict, device: str | None) -
         print(f"{stage}: resuming {ckpt_path} at step {ckpt['step']}", file=sys.stderr, flush=True)
     resolved = dict(resolved, code_history=history)
     seed_all(opts.seed)  # model initialisation is identical on every rank
-    flushing = flush_denormals() if dev.type == "cpu" else 0  # subnormal gradients cost 2.3x per step on x86 (docstring)
+    flushing = flush_denormals() if dev.type == "cpu" else 0  # subnormals cost 2.3x per step on x86
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed patch shapes: let cuDNN pick the fastest kernels once
     if info.main:
