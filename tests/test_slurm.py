@@ -363,15 +363,15 @@ def test_dvc_commit_adopts_the_cluster_outputs(slurm_run):
 
 @pytest.mark.slurm
 def test_train_gan_spans_jobs_past_the_time_limit(slurm_run, cluster, tmp_path_factory):
-    # A one-minute job limit on a train_gan cut to one epoch (100 steps, longer than the part of a
-    # job left for training): each job stops 15 s ahead of its limit at a step boundary with a
+    # A one-minute job limit on a train_gan cut to three epochs (300 steps, over a minute of training
+    # even with subnormals flushed, so longer than the part of a job left for it): each job stops 15 s ahead of its limit at a step boundary with a
     # checkpoint, the profile's retries resubmit it, the next job resumes, and the final generator
     # equals that of the same stage run uninterrupted, outside SLURM, with the same thread count.
     base = Path(tmp_path_factory.mktemp("slurm-timelimit"))
     trees = {name: base / name for name in ("uninterrupted", "slurm")}
     for tree in trees.values():
         shutil.copytree(slurm_run, tree, symlinks=True)
-        edit_params(tree / "params.yaml", lambda doc: doc["demo"]["train_gan"].update(epochs=1))
+        edit_params(tree / "params.yaml", lambda doc: doc["demo"]["train_gan"].update(epochs=3))
     threads = tool_env()["OMP_NUM_THREADS"]
     ref = trees["uninterrupted"]
     proc = run([str(VENV_BIN / "python"), "pipeline/train_gan.py", "--profile", "demo"], ref,
