@@ -8,7 +8,7 @@ the same model is stepped round-robin with subnormals kept (IEEE, the
 baseline) and flushed to zero on every thread (:func:`srmap.train_utils.flush_denormals`),
 so both columns see the same load and nearly the same weights.
 
-    PYTHONPATH=. python benchmarks/bench_denormal.py            # ~2 min on 2 CPU cores
+    PYTHONPATH=. python benchmarks/bench_denormal.py            # ~1 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_model import interleaved, load_profile  # noqa: E402
-from srmap.nets import Generator  # noqa: E402
+from srmap.nets import BiasedActivation, Generator  # noqa: E402
 from srmap.train_utils import flush_denormals  # noqa: E402
 
 TINY = torch.finfo(torch.float32).tiny  # smallest normal float32, 1.18e-38
@@ -41,7 +41,7 @@ def subnormal_share(G: Generator, x: torch.Tensor) -> float:
             counts[0] += int((nz < TINY).sum())
             counts[1] += nz.numel()
 
-    handles = [m.register_full_backward_hook(hook) for m in G.modules() if type(m).__name__ == "BiasedActivation"]
+    handles = [m.register_full_backward_hook(hook) for m in G.modules() if isinstance(m, BiasedActivation)]
     G(x).abs().mean().backward()
     for h in handles:
         h.remove()

@@ -366,8 +366,8 @@ def test_train_gan_spans_jobs_past_the_time_limit(slurm_run, cluster, tmp_path_f
     # A one-minute job limit on a train_gan cut to three epochs (300 steps, over a minute of training
     # even with subnormals flushed, so longer than the part of a job left for it): each job stops 15 s
     # ahead of its limit at a step boundary with a checkpoint, the profile's retries resubmit it, the
-    # next job resumes, and the final generator
-    # equals that of the same stage run uninterrupted, outside SLURM, with the same thread count.
+    # next job resumes, and the final generator equals that of the same stage run uninterrupted,
+    # outside SLURM, with the same thread count.
     base = Path(tmp_path_factory.mktemp("slurm-timelimit"))
     trees = {name: base / name for name in ("uninterrupted", "slurm")}
     for tree in trees.values():
